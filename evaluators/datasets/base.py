@@ -1,0 +1,43 @@
+"""The contract of a task's data set: stable string ids, annotations, and an image path per sample."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+
+class DataError(RuntimeError):
+    """A data folder or annotation file is missing or malformed; the message says what to fix."""
+
+
+class SampleSource(ABC):
+    """A list of samples of one task. Images are not decoded here: the runner loads them, so a corrupt
+    image is skipped and recorded instead of crashing a run."""
+
+    @property
+    @abstractmethod
+    def ids(self) -> list[str]:
+        """All sample ids in a fixed, documented order (the subset is drawn from this list)."""
+
+    @abstractmethod
+    def get(self, sample_id: str) -> dict[str, Any]:
+        """Annotations of one sample: always ``id`` and ``image_path``; plus, by task,
+        ``captions`` (list[str]) / ``question`` and ``answers`` (10 strings) / ``label`` (int)."""
+
+    #: class names, for classification sources
+    classnames: list[str] | None = None
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{what} not found at {p}; put the file there or set the dataset path in the config")
+    return p
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise DataError(f"{what} not found at {p}; put the folder there or set the dataset path in the config")
+    return p

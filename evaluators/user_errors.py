@@ -1,0 +1,8 @@
+"""Exception types that mean bad input (a path, a value, a file) rather than a bug: reported in one line."""
+
+from __future__ import annotations
+
+from attacks.base import InvariantError
+from evaluators.datasets.base import DataError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, InvariantError)
