@@ -1,0 +1,260 @@
+"""DiffPure and DiffCAP purifiers (DESIGN.md sections 1 and 2), built from configs with ``_target_``.
+
+Both take images in [0, 1] at the VLM's resolution R, resize them bilinearly (antialias off, as DiffPure)
+to the denoiser's resolution, map to [-1, 1], noise and denoise there, map back, clamp to [0, 1] and resize
+back to R. All randomness comes from one ``torch.Generator`` per image, drawn in a fixed per-image order, so
+a batch gives the same per-image results as the same images purified one at a time.
+
+``PurifyInfo.seconds`` divides the batch's wall time fairly: the time of each phase (denoiser loop, DiffCAP's
+forward walk with its encoder calls) is shared in proportion to each image's evaluations in that phase, and
+the resize overhead equally.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffcap import schedule
+from diffcap.base import Purifier, PurifyInfo
+from diffcap.samplers import ReverseSDE, Sampler, per_image_noise
+
+log = logging.getLogger(__name__)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+
+
+def _share(phases: Sequence[tuple[float, torch.Tensor]], n: int) -> list[float]:
+    """Split each phase's seconds over images in proportion to their weights (equally if all zero)."""
+    total = torch.zeros(n, dtype=torch.float64)
+    for seconds, w in phases:
+        w = w.double().cpu()
+        total += seconds * (w / w.sum() if w.sum() > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64))
+    return total.tolist()
+
+
+def bpda(purifier: Purifier, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """Purified images whose gradient with respect to ``x`` is the identity (BPDA).
+
+    The forward value is ``purifier.purify(x)`` (run without autograd); the backward pass treats the
+    purifier as identity, which is what BPDA+EOT attacks on a diffusion defense differentiate through.
+    """
+    with torch.no_grad():
+        y, _ = purifier.purify(x.detach(), generators)
+    return x + (y.to(x) - x).detach()
+
+
+class DiffusionPurifier(Purifier):
+    """Shared plumbing: resizing, [0, 1] <-> [-1, 1], the device the denoiser lives on, and checks."""
+
+    randomized = True
+
+    def __init__(self, denoiser: nn.Module, sampler: Sampler | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        self.sampler = sampler if sampler is not None else ReverseSDE()
+
+    @property
+    def resolution(self) -> int:
+        return int(self.denoiser.resolution)
+
+    def _device(self, x: torch.Tensor) -> torch.device:
+        p = next(self.denoiser.parameters(), None)
+        return p.device if p is not None else x.device
+
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        return _resize(x.float(), self.resolution) * 2 - 1
+
+    @staticmethod
+    def _to_pixels(z: torch.Tensor, size: int) -> torch.Tensor:
+        return _resize(((z + 1) / 2).clamp(0, 1), size).clamp(0, 1)
+
+    @staticmethod
+    def _check_batch(x: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"purify expects (B, 3, R, R) images, got shape {tuple(x.shape)}")
+        if len(generators) != x.shape[0]:
+            raise ValueError(f"purify needs one generator per image: {x.shape[0]} images, {len(generators)} generators")
+
+
+class DiffPure(DiffusionPurifier):
+    """Nie et al. 2022: noise every image to the fixed time t* in closed form, then reverse to 0.
+
+    The closed-form noising uses the continuous abar(t*) (DiffPure indexes the discrete alphas_cumprod;
+    the two differ by 0.1 % at t* = 0.15). With ``ReverseSDE(dt=1e-3)`` t* = 0.15 costs 150 denoiser evaluations.
+    ``sampler`` defaults to ``ReverseSDE()``.
+    """
+
+    def __init__(self, denoiser: nn.Module, t_star: float = 0.15, sampler: Sampler | None = None):
+        super().__init__(denoiser, sampler)
+        if not 0 < t_star <= 1:
+            raise ValueError(f"defense.t_star must be in (0, 1], got {t_star}")
+        self.t_star = float(t_star)
+
+    @torch.no_grad()
+    def purify(self, x, generators):
+        self._check_batch(x, generators)
+        b, size, home = x.shape[0], x.shape[-1], x.device
+        dev = self._device(x)
+        start = _now(dev)
+        z = self._to_model(x.to(dev))
+        t0 = _now(dev)
+        x_t = schedule.marginal_sample(z, schedule.alpha_bar(self.t_star), per_image_noise(z.shape[1:], generators, z))
+        t_vec = torch.full((b,), self.t_star, dtype=torch.float64)
+        out, evals = self.sampler.sample(self.denoiser, x_t, t_vec, generators)
+        t1 = _now(dev)
+        y = self._to_pixels(out, size).to(home)
+        end = _now(dev)
+        secs = _share([(t0 - start + end - t1, torch.ones(b)), (t1 - t0, evals)], b)
+        infos = [
+            PurifyInfo(t=self.t_star, steps=int(e), denoiser_evals=int(e), encoder_evals=0, converged=True, seconds=s)
+            for e, s in zip(evals.tolist(), secs, strict=True)
+        ]
+        return y, infos
+
+
+class DiffCAP(DiffusionPurifier):
+    """Per-image adaptive noising: walk forward until the embedding stops changing, then reverse.
+
+    Each forward move takes ``step`` DDPM steps (x_{k+s} from x_k with the exact kernel, one noise draw);
+    after every ``check_every`` moves the new state is embedded with phi and an image stops as soon as
+    cos(phi(new), phi(previous checked state)) > tau. ``keep="before"`` hands the previous checked state to
+    the reverse pass, ``keep="after"`` the new one (they differ by step * check_every DDPM steps). Images that
+    never pass stop at t_max with ``converged=False`` and keep the state reached there.
+
+    phi sees images in [0, 1] at the input resolution (the noisy state mapped back) and its output is
+    L2-normalised here. ``encoder="vlm"`` embeds with the VLM given to ``attach``; ``encoder="clip"`` with
+    ``encoder_model`` (a module with ``.embed(x)`` or any callable). The first embedding, of x_0, is of the
+    resized-in-and-out input, so that every compared pair went through the same resizing.
+
+    PurifyInfo: ``t`` is the time of the kept state, ``steps`` the forward moves walked, ``encoder_evals``
+    the phi calls (x_0 included), ``denoiser_evals`` those of the reverse pass.
+    """
+
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        tau: float = 0.96,
+        sampler: Sampler | None = None,
+        encoder: str = "vlm",
+        encoder_model: nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
+        keep: str = "before",
+        step: int = 1,
+        t_max: float = 0.3,
+        check_every: int = 1,
+    ):
+        super().__init__(denoiser, sampler)
+        if not 0 < tau < 1:
+            raise ValueError(f"defense.tau must be in (0, 1), got {tau}")
+        if not 0 < t_max <= 1:
+            raise ValueError(f"defense.t_max must be in (0, 1], got {t_max}")
+        if int(step) != step or step < 1:
+            raise ValueError(f"defense.step must be an integer >= 1, got {step}")
+        if int(check_every) != check_every or check_every < 1:
+            raise ValueError(f"defense.check_every must be an integer >= 1, got {check_every}")
+        if keep not in ("before", "after"):
+            raise ValueError(f"defense.keep must be 'before' or 'after', got {keep!r}")
+        if encoder not in ("vlm", "clip"):
+            raise ValueError(f"defense.encoder must be 'vlm' or 'clip', got {encoder!r}")
+        if encoder == "clip" and encoder_model is None:
+            raise ValueError("defense.encoder_model must be given when defense.encoder is 'clip'")
+        self.max_moves = math.floor(t_max * schedule.NUM_STEPS / step + 1e-9)
+        if self.max_moves < 1:
+            raise ValueError(
+                f"defense.t_max={t_max} is shorter than one forward move of defense.step={step} DDPM steps"
+            )
+        self.tau, self.t_max, self.keep = float(tau), float(t_max), keep
+        self.step, self.check_every, self.encoder = int(step), int(check_every), encoder
+        self.encoder_model = encoder_model
+        self._vlm = None
+
+    def attach(self, vlm: nn.Module) -> None:
+        """Remember the defended VLM for ``encoder="vlm"`` (not registered as a submodule)."""
+        object.__setattr__(self, "_vlm", vlm)
+
+    def _embed_fn(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.encoder == "vlm":
+            if self._vlm is None:
+                raise RuntimeError("DiffCAP with encoder='vlm' needs attach(vlm) before purify")
+            return self._vlm.embed
+        m = self.encoder_model
+        return m.embed if hasattr(m, "embed") else m
+
+    def _phi(self, z: torch.Tensor, size: int) -> torch.Tensor:
+        e = self._embed_fn()(self._to_pixels(z, size))
+        return F.normalize(e.float().flatten(1), dim=1)
+
+    @torch.no_grad()
+    def purify(self, x, generators):
+        self._check_batch(x, generators)
+        b, size, home = x.shape[0], x.shape[-1], x.device
+        dev = self._device(x)
+        n = schedule.NUM_STEPS
+        start = _now(dev)
+        z = self._to_model(x.to(dev))
+        t0 = _now(dev)
+
+        emb = self._phi(z, size)
+        enc = torch.ones(b, dtype=torch.long)
+        moves = torch.zeros(b, dtype=torch.long)
+        k_kept = torch.zeros(b, dtype=torch.long)
+        converged = torch.zeros(b, dtype=torch.bool)
+        kept = torch.empty_like(z)
+        active = torch.arange(b)  # images still walking; cur/prev/emb hold their rows only
+        cur, prev, k_prev = z, z, 0
+        for m in range(1, self.max_moves + 1):
+            noise = per_image_noise(z.shape[1:], [generators[i] for i in active.tolist()], z)
+            cur = schedule.forward_move(cur, (m - 1) * self.step, self.step, noise, n)
+            last = m == self.max_moves
+            if m % self.check_every and not last:
+                continue
+            e = self._phi(cur, size)
+            enc[active] += 1
+            passed = ((e * emb).sum(1) > self.tau).cpu()
+            stop = passed | last
+            if stop.any():
+                ids = active[stop]
+                before = (passed & (self.keep == "before"))[stop]
+                sel = stop.to(dev)
+                kept[ids.to(dev)] = torch.where(before.to(dev).view(-1, 1, 1, 1), prev[sel], cur[sel])
+                k_kept[ids] = torch.where(before, k_prev, m * self.step)
+                moves[ids], converged[ids] = m, passed[stop]
+            go = ~stop
+            active, emb = active[go], e[go.to(dev)]
+            cur = prev = cur[go.to(dev)]
+            k_prev = m * self.step
+            if not len(active):
+                break
+        t1 = _now(dev)
+
+        t_kept = k_kept.double() / n
+        out, evals = self.sampler.sample(self.denoiser, kept, t_kept, generators)
+        t2 = _now(dev)
+        y = self._to_pixels(out, size).to(home)
+        end = _now(dev)
+        secs = _share([(t0 - start + end - t2, torch.ones(b)), (t1 - t0, enc), (t2 - t1, evals)], b)
+        infos = [
+            PurifyInfo(t=float(t), steps=int(s), denoiser_evals=int(d), encoder_evals=int(c), converged=bool(v),
+                       seconds=sec)
+            for t, s, d, c, v, sec in zip(
+                t_kept.tolist(), moves.tolist(), evals.tolist(), enc.tolist(), converged.tolist(), secs, strict=True
+            )
+        ]
+        log.debug("DiffCAP stopping steps %s, converged %s", moves.tolist(), converged.tolist())
+        return y, infos
