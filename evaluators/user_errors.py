@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from attacks.base import InvariantError
 from evaluators.datasets.base import DataError
+from evaluators.metrics.cider import JavaNotFoundError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, InvariantError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DataError, FileNotFoundError, InvariantError, JavaNotFoundError)

@@ -23,7 +23,7 @@ class Task(ABC):
     def __init__(self, source: SampleSource):
         self.source = source
 
-    def prepare(self, ids: list[str]) -> None:
+    def prepare(self, ids: list[str]) -> None:  # noqa: B027 (optional hook)
         """Called once with the evaluated subset (e.g. CIDEr takes its idf from the subset's references)."""
 
     @abstractmethod
@@ -39,9 +39,11 @@ class Task(ABC):
         """Corpus-level metrics from predictions keyed by sample id (CIDEr is not a mean of per-sample values)."""
 
     @abstractmethod
-    def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str) -> Objective:
+    def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
+                  x_clean: torch.Tensor | None = None) -> Objective:
         """What to attack. ``schedule``: "single" (one APGD run against the first reference / the true
-        class) or "ensemble" (RobustVLM's schedule for this task)."""
+        class) or "ensemble" (RobustVLM's schedule for this task). ``x_clean``: the batch's clean images,
+        for tasks whose targets depend on the clean prediction (APGD-T's target classes)."""
 
     def inputs(self, sample: dict[str, Any]) -> dict[str, Any]:
         """The non-image inputs written into samples.jsonl (e.g. the question)."""

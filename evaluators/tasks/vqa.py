@@ -1,0 +1,139 @@
+"""Visual question answering scored with VQA accuracy, attacked as in RobustVLM.
+
+Attack schedules (``objective``):
+
+- ``"single"``: maximise the answer cross-entropy of the most common ground-truth answer;
+- ``"ensemble"``: the five most common answers in turn (``collections.Counter`` order of the raw answer
+  strings, ties in annotator order, as RobustVLM ranks them; an image with fewer distinct answers skips
+  the extra stages), then the most common answer again in float32, then two TARGETED stages in float32
+  that push the answer towards "maybe" and towards "Word" (loss = minus the target's cross-entropy).
+  RobustVLM's float32 untargeted stage starts from the best image so far and uses, per question, the
+  answer whose stage did best; a ``Stage`` has no per-sample choice, so the most common answer is used.
+
+The attack stops on a question once its VQA accuracy is <= ``attack_success_below`` (0: wrong).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attacks.base import Objective, Stage
+from evaluators.datasets.base import SampleSource
+from evaluators.metrics.vqa_accuracy import GT_NORMALISATIONS, vqa_accuracy
+from evaluators.tasks.base import Task
+from evaluators.tasks.captioning import per_sample_loss
+from evaluators.vlms.base import VLMAdapter
+
+log = logging.getLogger(__name__)
+
+#: how many of the most common answers the ensemble schedule attacks with (RobustVLM: 5)
+N_ENSEMBLE_ANSWERS = 5
+#: RobustVLM's target strings for the targeted VQA stages
+ENSEMBLE_TARGETS = ("maybe", "Word")
+
+
+def ranked_answers(answers: list[str]) -> list[str]:
+    """Distinct answers from most to least common (ties: first given first)."""
+    return [a for a, _ in Counter(answers).most_common()]
+
+
+class VQATask(Task):
+    """VQAv2 / TextVQA; headline metric: mean VQA accuracy x100."""
+
+    name = "vqa"
+    primary = "vqa_acc"
+
+    def __init__(self, source: SampleSource, gt_normalisation: str = "always", attack_success_below: float = 0.0):
+        super().__init__(source)
+        if gt_normalisation not in GT_NORMALISATIONS:
+            raise ValueError(f"gt_normalisation must be one of {GT_NORMALISATIONS}, got {gt_normalisation!r}")
+        self.gt_normalisation = gt_normalisation
+        self.attack_success_below = float(attack_success_below)
+
+    def _accuracy(self, prediction: str, sample: dict[str, Any]) -> float:
+        return vqa_accuracy(str(prediction), sample["answers"], self.gt_normalisation)
+
+    def predict(self, vlm: VLMAdapter, x: torch.Tensor, batch: list[dict[str, Any]]) -> list[str]:
+        with torch.no_grad():
+            return [str(a) for a in vlm.answer(x, [s["question"] for s in batch])]
+
+    def score(self, predictions: list[Any], batch: list[dict[str, Any]]) -> list[dict[str, float]]:
+        if len(predictions) != len(batch):
+            raise ValueError(f"{len(predictions)} answers for {len(batch)} questions")
+        return [{"vqa_acc": self._accuracy(p, s)} for p, s in zip(predictions, batch, strict=True)]
+
+    def aggregate(self, predictions: dict[str, Any], samples: dict[str, dict[str, Any]]) -> dict[str, float]:
+        """Mean accuracy x100 over the predicted questions (the official "overall" number)."""
+        if not predictions:
+            raise ValueError("no predictions to aggregate")
+        accs = []
+        for i, p in predictions.items():
+            sample = samples.get(i)
+            if sample is None or "answers" not in sample:
+                sample = self.source.get(i)
+            accs.append(self._accuracy(p, sample))
+        return {"vqa_acc": 100.0 * sum(accs) / len(accs)}
+
+    def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
+                  x_clean: torch.Tensor | None = None) -> Objective:
+        if schedule not in ("single", "ensemble"):
+            raise ValueError(f"schedule must be 'single' or 'ensemble', got {schedule!r}")
+        questions = [str(s["question"]) for s in batch]
+        ranked = [ranked_answers([str(a) for a in s["answers"]]) for s in batch]
+
+        def answer_fn(sign: float) -> Callable[[torch.Tensor, list[tuple[str, str]]], torch.Tensor]:
+            def fn(x: torch.Tensor, qa: list[tuple[str, str]]) -> torch.Tensor:
+                return sign * vlm.answer_loss(x, [q for q, _ in qa], [a for _, a in qa])
+
+            return fn
+
+        def untargeted(k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            targets = [(q, r[k]) if k < len(r) else None for q, r in zip(questions, ranked, strict=True)]
+            fn = answer_fn(1.0)
+
+            def loss(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+                return per_sample_loss(x, index, targets, fn)
+
+            return loss
+
+        def targeted(answer: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            targets = [(q, answer) for q in questions]
+            fn = answer_fn(-1.0)  # maximising minus the CE makes the target answer likely
+
+            def loss(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+                return per_sample_loss(x, index, targets, fn)
+
+            return loss
+
+        if schedule == "single":
+            stages = [Stage("answer-0", untargeted(0))]
+        else:
+            stages = [Stage(f"answer-{k}", untargeted(k)) for k in range(N_ENSEMBLE_ANSWERS)]
+            stages.append(Stage("answer-0-fp32", untargeted(0), dtype="float32"))
+            stages += [Stage(f"target-{t}", targeted(t), targeted=True, dtype="float32") for t in ENSEMBLE_TARGETS]
+
+        def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            rows = [int(r) for r in index.tolist()]
+            with torch.no_grad():
+                preds = vlm.answer(x, [questions[r] for r in rows])
+            values = [self._accuracy(p, batch[r]) for p, r in zip(preds, rows, strict=True)]
+            return torch.tensor(values, dtype=torch.float32, device=x.device)
+
+        return Objective(stages=stages, score=score, success_below=self.attack_success_below,
+                         extra={"schedule": schedule, "metric": "vqa_acc"})
+
+    def inputs(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return {"question": sample["question"]}
+
+    def references(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """``{"answers": [...], "answer_type": ...}``: with ``id`` and ``inputs`` this rebuilds what
+        ``aggregate`` reads."""
+        out: dict[str, Any] = {"answers": list(sample["answers"])}
+        if "answer_type" in sample:
+            out["answer_type"] = sample["answer_type"]
+        return out
