@@ -16,15 +16,17 @@ log = logging.getLogger("run")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
 def main(cfg: DictConfig) -> None:
-    from evaluators.errors import HarnessError
     from evaluators.runner import run
-    from evaluators.user_errors import USER_ERRORS
+    from evaluators.user_errors import user_error
 
     try:
         run(cfg)
-    except (HarnessError, *USER_ERRORS) as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        cause = user_error(e)
+        if cause is None:
+            raise
+        log.error("%s", cause)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

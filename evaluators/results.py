@@ -57,18 +57,20 @@ class RecordWriter:
             os.fsync(f.fileno())
 
 
-def completed_batches(run_dir: Path, expected: dict[tuple[str, int], int]) -> set[tuple[str, int]]:
-    """Batches (task, index) whose records are all on disk; rewrites samples.jsonl without partial batches.
+def completed_batches(run_dir: Path, task: str, expected: dict[int, int]) -> set[int]:
+    """Indices of ``task``'s batches whose records are all on disk; rewrites samples.jsonl without the
+    records of that task's partial batches (other tasks' records are kept as they are).
 
-    ``expected`` maps (task, batch index) to the number of samples in that batch.
+    ``expected`` maps a batch index to the number of samples in that batch.
     """
     path = run_dir / SAMPLES
     records = read_records(path)
-    by_batch: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    by_batch: dict[int, set[str]] = defaultdict(set)
     for r in records:
-        by_batch[(r["task"], int(r["batch"]))].append(r)
-    done = {k for k, rs in by_batch.items() if expected.get(k) == len({r["id"] for r in rs})}
-    keep = [r for r in records if (r["task"], int(r["batch"])) in done]
+        if r["task"] == task:
+            by_batch[int(r["batch"])].add(r["id"])
+    done = {b for b, ids in by_batch.items() if expected.get(b) == len(ids)}
+    keep = [r for r in records if r["task"] != task or int(r["batch"]) in done]
     if len(keep) != len(records) or (path.exists() and _has_torn_line(path)):
         dropped = len(records) - len(keep)
         log.info("resume: dropping %d records of unfinished batches; they are recomputed", dropped)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 #: Config keys that do not change results; a run directory may be resumed with other values for them.
 RESUME_FREE_KEYS = ("resume", "device", "logger", "paths")
+RUN_CONFIG = "run_config.json"
 
 
 @dataclass
@@ -129,11 +130,11 @@ def build_defense(cfg: DictConfig, vlm: VLMAdapter, device: torch.device) -> Pur
 def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
     """A run directory holds one config: resuming with a different one would mix results."""
     current = result_config(cfg)
-    path = run_dir / "run_config.json"
+    path = run_dir / RUN_CONFIG
     if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != current:
-            diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+        previous, now = flatten(json.loads(path.read_text())), flatten(current)
+        if previous != now:
+            diff = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
             raise ConfigError(
                 f"{run_dir} already holds a run with a different config (differs in {', '.join(diff)}); "
                 "delete that folder or choose another with hydra.run.dir=..."
@@ -145,20 +146,19 @@ def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def result_config(cfg: DictConfig) -> dict:
-    """The resolved config minus the keys that do not change results, flattened to dotted keys."""
+    """The resolved config minus the keys that do not change results (written as run_config.json)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     for key in RESUME_FREE_KEYS:
         container.pop(key, None)
+    return container
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix: node}
     flat: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), v)
-        else:
-            flat[prefix] = node
-
-    walk("", container)
+    for k, v in node.items():
+        flat.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
     return flat
 
 
@@ -176,8 +176,8 @@ def run_task(h: Harness, name: str, task: Task) -> None:
     task.prepare(subset)
     bs = int(h.cfg.batch_size)
     batches = [subset[i : i + bs] for i in range(0, len(subset), bs)]
-    done = results.completed_batches(h.run_dir, {(name, b): len(ids_b) for b, ids_b in enumerate(batches)})
-    todo = [b for b in range(len(batches)) if (name, b) not in done]
+    done = results.completed_batches(h.run_dir, name, {b: len(ids_b) for b, ids_b in enumerate(batches)})
+    todo = [b for b in range(len(batches)) if b not in done]
     if len(todo) < len(batches):
         log.info("%s: resuming, %d of %d batches already done", name, len(batches) - len(todo), len(batches))
     writer = results.RecordWriter(h.run_dir)
@@ -223,7 +223,10 @@ def process_batch(h: Harness, name: str, task: Task, index: int, ids: list[str])
     purify_info: dict[str, list] = {}
     attack_info: list[dict] | None = None
 
+    shown: dict[str, torch.Tensor] = {}
+
     def evaluate(condition: str, images_: torch.Tensor) -> None:
+        shown[condition] = images_
         tic_ = time.perf_counter()
         with torch.no_grad():
             preds = task.predict(h.vlm, images_, samples)
@@ -247,6 +250,8 @@ def process_batch(h: Harness, name: str, task: Task, index: int, ids: list[str])
             draws_p.append(preds)
             draws_m.append(task.score(preds, samples))
             draws_i.append([i.to_dict() for i in infos])
+            if d == 0:
+                shown[f"{condition}_defended"] = x_pur
         key = f"{condition}_defended"
         predictions[key] = [list(col) for col in zip(*draws_p, strict=True)]
         metrics[key] = [list(col) for col in zip(*draws_m, strict=True)]
@@ -259,6 +264,8 @@ def process_batch(h: Harness, name: str, task: Task, index: int, ids: list[str])
         seconds["attack"] = time.perf_counter() - tic
         evaluate("adv", x_adv)
 
+    if index == 0:
+        save_examples(h.run_dir / "examples", name, shown)
     n = len(samples)
     records = []
     for j, s in enumerate(samples):
@@ -275,6 +282,15 @@ def process_batch(h: Harness, name: str, task: Task, index: int, ids: list[str])
             rec["attack"] = attack_info[j]
         records.append(rec)
     return failed + records
+
+
+def save_examples(folder: Path, task: str, shown: dict[str, torch.Tensor], n: int = 4) -> None:
+    """A few images per condition of the first batch (PNG: for looking at, never for re-evaluation)."""
+    from torchvision.utils import save_image
+
+    folder.mkdir(exist_ok=True)
+    for condition, images in shown.items():
+        save_image(images[:n].detach().float().cpu(), folder / f"{task}_{condition}.png", nrow=n, padding=1)
 
 
 # --------------------------------------------------------------------------------------------- attacks
@@ -304,7 +320,7 @@ def adversarial_images(h: Harness, name: str, task: Task, samples: list[dict],
             info[j] = {**c[1].get("info", {}), "cache": "hit"}
     if miss:
         sub = [samples[j] for j in miss]
-        objective = task.objective(h.vlm, sub, acfg.schedule)
+        objective = task.objective(h.vlm, sub, acfg.schedule, x_clean=x[miss].detach())
         xs = x[miss].detach()
         if adaptive:
             seeds = [derive_seed(h.cfg.seed.noise, name, s["id"], "attack") for s in sub]

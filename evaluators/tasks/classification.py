@@ -64,11 +64,12 @@ class ClassificationTask(Task):
     name = "classification"
     primary = "top1"
 
-    def __init__(self, source: SampleSource, templates: Sequence[str] | None = None):
+    def __init__(self, source: SampleSource | None, templates: Sequence[str] | None = None):
+        """``source=None`` builds a scorer only (re-scoring from samples.jsonl needs no class names)."""
         super().__init__(source)
-        if not source.classnames:
+        if source is not None and not source.classnames:
             raise ValueError(f"{type(source).__name__} has no classnames; classification needs them")
-        self.classnames: list[str] = list(source.classnames)
+        self.classnames: list[str] = list(source.classnames) if source is not None else []
         self.templates = list(templates) if templates is not None else None
 
     def logits(self, vlm: VLMAdapter, x: torch.Tensor) -> torch.Tensor:
