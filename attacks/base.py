@@ -22,6 +22,7 @@ class Stage:
     loss: LossFn
     targeted: bool = False  # informational: the loss already has the sign the attack maximises
     dtype: str | None = None  # "float16" / "bfloat16" / "float32"; None = the attack's default
+    start: str = "clean"  # "clean": start at the clean image; "best": at the best adversarial image so far
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from evaluators.errors import ConfigError
 
@@ -19,6 +19,19 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("eps255", lambda v: float(v) / 255.0)
     if not OmegaConf.has_resolver("project_root"):
         OmegaConf.register_new_resolver("project_root", lambda: os.environ.get("DIFFCAP_ROOT", str(PROJECT_ROOT)))
+
+
+def compose_config(overrides: list[str], output_dir: str | Path | None = None) -> DictConfig:
+    """The run config for ``overrides`` outside ``python run.py`` (scripts, notebooks), with
+    ``paths.output_dir`` set since Hydra's runtime is absent."""
+    from hydra import compose, initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir or PROJECT_ROOT / "results" / "scratch")
+    return cfg
 
 
 def validate(cfg: DictConfig) -> None:

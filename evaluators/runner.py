@@ -33,7 +33,7 @@ from evaluators.vlms.base import VLMAdapter
 log = logging.getLogger(__name__)
 
 #: Config keys that do not change results; a run directory may be resumed with other values for them.
-RESUME_FREE_KEYS = ("resume", "device", "logger", "paths")
+RESUME_FREE_KEYS = ("resume", "device", "logger", "paths", "torch_threads")
 RUN_CONFIG = "run_config.json"
 
 
@@ -79,6 +79,8 @@ def run(cfg: DictConfig) -> dict:
 
 def build(cfg: DictConfig, run_dir: Path) -> Harness:
     device = torch.device(cfg.device)
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     if cfg.dataset.get("prepare") is not None:
         instantiate(cfg.dataset.prepare)
     vlm: VLMAdapter = instantiate(cfg.vlm.model)
@@ -95,7 +97,11 @@ def build(cfg: DictConfig, run_dir: Path) -> Harness:
         from attacks.cache import AdversarialCache
 
         cache = AdversarialCache(Path(cfg.paths.cache_dir) / "adversarial")
-    return Harness(cfg=cfg, run_dir=run_dir, vlm=vlm, tasks=tasks, defense=defense, attack=attack, cache=cache)
+    h = Harness(cfg=cfg, run_dir=run_dir, vlm=vlm, tasks=tasks, defense=defense, attack=attack, cache=cache)
+    if defense is not None and defense.randomized and h.eval_draws == 1:
+        log.warning("randomized defense evaluated with a single purification draw: results overestimate "
+                    "robustness (set defense.eval_draws >= 3)")
+    return h
 
 
 def select_tasks(cfg: DictConfig, vlm: VLMAdapter) -> list[str]:

@@ -180,7 +180,7 @@ class CaptioningTask(Task):
             stages = [Stage("caption-0", caption_loss(0))]
         else:
             stages = [Stage(f"caption-{k}", caption_loss(k)) for k in range(N_ENSEMBLE_CAPTIONS)]
-            stages.append(Stage("caption-0-fp32", caption_loss(0), dtype="float32"))
+            stages.append(Stage("caption-0-fp32", caption_loss(0), dtype="float32", start="best"))
 
         def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             rows = _rows(index)

@@ -114,7 +114,7 @@ class VQATask(Task):
             stages = [Stage("answer-0", untargeted(0))]
         else:
             stages = [Stage(f"answer-{k}", untargeted(k)) for k in range(N_ENSEMBLE_ANSWERS)]
-            stages.append(Stage("answer-0-fp32", untargeted(0), dtype="float32"))
+            stages.append(Stage("answer-0-fp32", untargeted(0), dtype="float32", start="best"))
             stages += [Stage(f"target-{t}", targeted(t), targeted=True, dtype="float32") for t in ENSEMBLE_TARGETS]
 
         def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""Calibrate DiffCAP's tau on clean/adversarial pairs of a data set (the paper's "Algorithm 2").
+
+For ~100 pairs (x, x_adv) it reports
+  * the suggested tau: the mean cosine similarity cos(phi(x), phi(x_adv)) of the pairs' embeddings, i.e. how
+    close an adversarial image's embedding stays to its clean one (our reading of the paper's rule; DiffCAP
+    stops once one diffusion step changes the embedding less than that);
+  * the mean consecutive-step similarity curves cos(phi(x_{k+1}), phi(x_k)) of the cumulative forward walk
+    from clean and from adversarial images (same noise), and the stopping-time distribution each tau gives.
+
+    python scripts/calibrate_tau.py dataset=shapes vlm=tiny n_samples=100
+Arguments key=value are Hydra overrides of configs/run.yaml. Writes results/calibration/tau_<dataset>.{json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from diffcap import schedule  # noqa: E402
+from evaluators.config import PROJECT_ROOT, compose_config, register_resolvers  # noqa: E402
+from evaluators.pairs import clean_and_adversarial  # noqa: E402
+from evaluators.seeding import derive_seed, generators  # noqa: E402
+
+log = logging.getLogger("calibrate_tau")
+
+
+def embed(vlm, x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(vlm.embed(x).float(), dim=-1)
+
+
+def walk_similarities(vlm, x: torch.Tensor, resolution: int, steps: int, seeds: list[int]) -> torch.Tensor:
+    """(B, steps) cosine similarity of consecutive embeddings along the cumulative one-step forward walk."""
+    size = x.shape[-1]
+    z = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False) * 2 - 1
+    gens = generators(seeds)
+    betas = schedule.discrete_betas()
+
+    def phi(z_: torch.Tensor) -> torch.Tensor:
+        pixels = ((z_ + 1) / 2).clamp(0, 1)
+        return embed(vlm, F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False))
+
+    prev = phi(z)
+    sims = []
+    for k in range(steps):
+        noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens])
+        z = schedule.forward_step(z, betas[k], noise)
+        cur = phi(z)
+        sims.append((cur * prev).sum(-1))
+        prev = cur
+    return torch.stack(sims, dim=1)
+
+
+def first_pass(sims: np.ndarray, tau: float) -> np.ndarray:
+    """Stopping step per image for a tau (the walk's length when it never passes)."""
+    passed = sims > tau
+    return np.where(passed.any(1), passed.argmax(1), sims.shape[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="captioning")
+    parser.add_argument("--steps", type=int, default=150, help="forward steps to trace (1 step = 1/1000)")
+    args, overrides = parser.parse_known_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    register_resolvers()
+    overrides = ["attack=apgd", "n_samples=100", *overrides]
+    cfg = compose_config(overrides)
+    pairs = clean_and_adversarial(cfg, args.task)
+    vlm, samples, x, x_adv = pairs.vlm, pairs.samples, pairs.x, pairs.x_adv
+    bs = int(cfg.batch_size)
+    resolution = int(instantiate(cfg.denoiser).resolution)
+    seeds = [derive_seed(cfg.seed.noise, "calibrate", s["id"]) for s in samples]
+    with torch.no_grad():
+        pair_sim = (embed(vlm, x) * embed(vlm, x_adv)).sum(-1).numpy()
+        sims = {name: torch.cat([walk_similarities(vlm, imgs[i : i + bs], resolution, args.steps, seeds[i : i + bs])
+                                 for i in range(0, len(samples), bs)]).numpy()
+                for name, imgs in (("clean", x), ("adv", x_adv))}
+    tau = float(pair_sim.mean())
+    grid = [0.90, 0.94, 0.96, 0.98, round(tau, 4)]
+    stops = {f"{t:g}": {name: {"mean_step": float(first_pass(s, t).mean()),
+                               "never_passed": float((first_pass(s, t) == args.steps).mean())}
+                        for name, s in sims.items()} for t in grid}
+    result = {
+        "overrides": overrides, "task": args.task, "n_pairs": len(samples), "steps": args.steps,
+        "suggested_tau": tau, "pair_similarity": {"mean": tau, "std": float(pair_sim.std()),
+                                                  "p10": float(np.quantile(pair_sim, 0.1)),
+                                                  "p90": float(np.quantile(pair_sim, 0.9))},
+        "mean_curve": {name: s.mean(0).tolist() for name, s in sims.items()},
+        "stopping_step_by_tau": stops,
+    }
+    out = PROJECT_ROOT / "results" / "calibration" / f"tau_{cfg.dataset.name}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    steps = np.arange(1, args.steps + 1)
+    for name, s in sims.items():
+        m, sd = s.mean(0), s.std(0)
+        ax.plot(steps, m, label=f"{name} inputs")
+        ax.fill_between(steps, m - sd, m + sd, alpha=0.2)
+    ax.axhline(tau, color="k", ls="--", lw=1, label=f"suggested tau = {tau:.3f}")
+    ax.set_xlabel("forward step k (t = k/1000)")
+    ax.set_ylabel("cos(phi(x_{k+1}), phi(x_k))")
+    ax.set_title(f"tau calibration, {cfg.dataset.name} / {cfg.vlm.name}, {len(samples)} pairs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    print(json.dumps({k: result[k] for k in ("suggested_tau", "pair_similarity", "stopping_step_by_tau")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
