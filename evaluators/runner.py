@@ -370,11 +370,11 @@ def run_info(h: Harness) -> dict:
 
 def print_table(summary: dict) -> None:
     """The run's row of a paper table, on stdout."""
-    lines = [f"\n{'task':<16}{'metric':<12}" + "".join(f"{c:>20}" for c in summary["conditions"])]
+    lines = [f"\n{'task':<16}{'metric':<10}" + "".join(f"{c:>22}" for c in summary["conditions"])]
     for task, metrics in summary["metrics"].items():
         for metric, by_cond in metrics.items():
-            cells = "".join(f"{_fmt(by_cond.get(c)):>20}" for c in summary["conditions"])
-            lines.append(f"{task:<16}{metric:<12}{cells}")
+            cells = "".join(f"{_fmt(by_cond.get(c)):>22}" for c in summary["conditions"])
+            lines.append(f"{task:<16}{metric:<10}{cells}")
     print("\n".join(lines) + "\n")
 
 

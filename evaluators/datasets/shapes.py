@@ -70,7 +70,7 @@ _BG_PHRASE = {
     "gradient": ("gradient background", "smoothly shaded background"),
 }
 _NUM_WORD = {1: "one", 2: "two", 3: "three"}
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -239,7 +239,7 @@ def _others_phrase(others: list[ShapeSpec], with_pos: bool) -> str:
 
 
 def make_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
-    """Five different reference sentences (lowercase words only) drawn from several templates."""
+    """Five different reference sentences (lowercase words only) drawn from ten templates."""
     m = scene.main
     others = list(scene.shapes[1:])
     n = len(scene.shapes)
@@ -259,6 +259,10 @@ def make_captions(scene: Scene, rng: np.random.Generator) -> list[str]:
         f"a {m.shape} colored {m.color}"
         + (" and a smaller " + " and a smaller ".join(o.shape for o in others) if others else " alone"),
         f"{m.color} {m.shape} {pos_alt} with a {bg1}",
+        # two that leave the colour out, as real annotators often do
+        f"a drawing with a {big} {m.shape}"
+        + (f" and {_NUM_WORD[n - 1]} smaller {'shape' if n == 2 else 'shapes'}" if others else ""),
+        (f"the largest shape is a {m.shape}" if others else f"the only shape is a {m.shape}") + f" {pos}",
     ]
     idx = rng.choice(len(cands), size=5, replace=False)
     return [" ".join(cands[int(i)].split()) for i in idx]

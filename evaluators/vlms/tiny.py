@@ -1,12 +1,14 @@
 """Two small models trained on the shapes world, so that attacks and defenses run end to end on a CPU.
 
-- ``TinyCLIP``: a hybrid image encoder (three strided convolutions, then one transformer block over the
-  8x8 grid with a class token) and a small text transformer, trained contrastively (InfoNCE with a learned
-  temperature) on (image, caption) pairs. Zero-shot classification as in CLIP: logits =
-  ``exp(logit_scale)`` x L2-normalised image features @ class text embeddings (each the normalised mean over
-  prompt templates of the normalised template embeddings).
+- ``TinyCLIP``: a convolutional image encoder (three strided convolutions to an 8x8 grid, then a
+  position-aware linear readout) and a small text transformer, trained contrastively (InfoNCE with a learned
+  temperature) on (image, caption) pairs, with a CoCa-style captioning loss through the TinyVLM decoder
+  added during that stage (``scripts/train_tiny_models.py`` says why). Zero-shot classification as in
+  CLIP: logits = ``exp(logit_scale)`` x L2-normalised image features @ class text embeddings (each the
+  normalised mean over prompt templates of the normalised template embeddings). The learned scale is used
+  instead of a fixed 100, since this model was trained with it.
 - ``TinyVLM``: LLaVA-shaped. It contains a TinyCLIP whose vision tower (frozen) gives 4x4 pooled grid
-  tokens plus the class token; a two-layer MLP projects them to visual tokens, and a small causal
+  tokens plus the global feature (the pre-projection embedding); a two-layer MLP projects them to visual tokens, and a small causal
   transformer decoder reads ``[visual tokens, <bos> prompt, target]``. Greedy decoding. ``classify`` is
   zero-shot through its CLIP tower, i.e. exactly ``TinyCLIP.classify`` of the contained CLIP.
 
@@ -122,7 +124,7 @@ class TinyCLIPConfig:
     vocab_size: int
     resolution: int = 64
     channels: tuple[int, int, int] = (32, 64, 128)
-    vision_heads: int = 4
+    readout_channels: int = 32
     embed_dim: int = 128
     text_width: int = 128
     text_layers: int = 2
@@ -151,7 +153,7 @@ class TinyVLMConfig:
     vis_grid: int = 4
     max_caption_tokens: int = 16
     max_answer_tokens: int = 4
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept in config.json
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TinyVLMConfig:
@@ -195,7 +197,9 @@ class Block(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """Conv stem (R -> R/8 grid: three stride-2 convolutions) then one transformer block over [class token, grid tokens]."""
+    """Conv stem (R -> R/8 grid, three stride-2 convolutions) and a position-aware readout: a 1x1 squeeze
+    then one linear layer over the flattened grid. (Mean or fixed-query attention pooling learns "which
+    shape is the largest" far more slowly: the readout must know where each grid cell is.)"""
 
     def __init__(self, cfg: TinyCLIPConfig):
         super().__init__()
@@ -212,25 +216,27 @@ class VisionTower(nn.Module):
             nn.Conv2d(c1, c2, 3, stride=2, padding=1), gn(c2), nn.GELU(),
             nn.Conv2d(c2, c2, 3, padding=1), gn(c2), nn.GELU(),
             nn.Conv2d(c2, c3, 3, stride=2, padding=1), gn(c3), nn.GELU(),
-            nn.Conv2d(c3, c3, 3, padding=1),
+            nn.Conv2d(c3, c3, 3, padding=1), gn(c3), nn.GELU(),
         )  # fmt: skip
         self.width = c3
-        self.cls = nn.Parameter(torch.zeros(1, 1, c3))
-        self.pos = nn.Parameter(torch.randn(1, 1 + self.grid**2, c3) * 0.02)
-        self.block = Block(c3, cfg.vision_heads)
-        self.ln = nn.LayerNorm(c3)
+        self.squeeze = nn.Conv2d(c3, cfg.readout_channels, 1)
+        self.readout = nn.Linear(cfg.readout_channels * self.grid**2, c3)
+        self.ln_global = nn.LayerNorm(c3)
+        self.ln_grid = nn.LayerNorm(c3)
         self.proj = nn.Linear(c3, cfg.embed_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised pixels (B,3,R,R) -> (pooled embedding (B,E), tokens (B,1+G*G,C) after the block)."""
-        f = self.stem(x).flatten(2).transpose(1, 2)
-        f = torch.cat([self.cls.expand(f.shape[0], -1, -1), f], dim=1) + self.pos
-        tokens = self.ln(self.block(f))
-        return self.proj(tokens[:, 0]), tokens
+        """Normalised pixels (B,3,R,R) -> (embedding (B,E), tokens (B,1+G*G,C): global feature, then grid)."""
+        f = self.stem(x)
+        glob = self.ln_global(self.readout(self.squeeze(f).flatten(1)))
+        grid = self.ln_grid(f.flatten(2).transpose(1, 2))
+        return self.proj(glob), torch.cat([glob[:, None], grid], dim=1)
 
 
 class TextTower(nn.Module):
-    """Bidirectional transformer over ``<bos> words <eos>``; the <eos> position's output is the embedding."""
+    """Bidirectional transformer over ``<bos> words <eos>``, mean-pooled over the sentence. (Reading out
+    the <eos> position alone starts out almost blind to the words in so small a model: every sentence
+    then has nearly the same embedding and contrastive training stalls.)"""
 
     def __init__(self, cfg: TinyCLIPConfig):
         super().__init__()
@@ -251,7 +257,8 @@ class TextTower(nn.Module):
         for blk in self.blocks:
             h = blk(h, mask)
         h = self.ln(h)
-        return self.proj(h[torch.arange(b, device=ids.device), lengths - 1])
+        m = valid[..., None].to(h.dtype)
+        return self.proj((h * m).sum(1) / m.sum(1))
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -362,7 +369,11 @@ class TinyCLIP(VLMAdapter):
 
     def contrastive_loss(self, x: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """Symmetric InfoNCE of matching (image i, text i) pairs within the batch."""
-        img = self.embed(x)
+        return self.contrastive_loss_from_embeddings(self.encode_image(x)[0], texts)
+
+    def contrastive_loss_from_embeddings(self, emb: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """``contrastive_loss`` given the unnormalised image embeddings from ``encode_image``."""
+        img = F.normalize(emb, dim=-1)
         txt = self.encode_text(texts)
         logits = self.logit_scale.clamp(max=math.log(100.0)).exp() * img @ txt.T
         target = torch.arange(len(texts), device=logits.device)
@@ -426,14 +437,17 @@ class TinyVLM(VLMAdapter):
 
     # -- vision
     def vision_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen CLIP tokens for the decoder: class token + grid average-pooled to vis_grid^2 (B, N, C)."""
-        _, tokens = self.clip.encode_image(x)
-        cls_tok, grid = tokens[:, :1], tokens[:, 1:]
+        """Frozen CLIP tokens for the decoder: global feature + grid average-pooled to vis_grid^2 (B, N, C)."""
+        return self.pool_vision_tokens(self.clip.encode_image(x)[1])
+
+    def pool_vision_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """CLIP vision tokens (B, 1+G*G, C) -> decoder inputs (B, 1+vis_grid^2, C)."""
+        glob, grid = tokens[:, :1], tokens[:, 1:]
         b, n, c = grid.shape
         g = int(round(math.sqrt(n)))
         grid = grid.transpose(1, 2).reshape(b, c, g, g)
         grid = F.adaptive_avg_pool2d(grid, self.config.vis_grid).flatten(2).transpose(1, 2)
-        return torch.cat([cls_tok, grid], dim=1)
+        return torch.cat([glob, grid], dim=1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.clip.embed(x)
