@@ -42,12 +42,13 @@ def embed(vlm, x: torch.Tensor) -> torch.Tensor:
     return F.normalize(vlm.embed(x).float(), dim=-1)
 
 
-def walk_similarities(vlm, x: torch.Tensor, resolution: int, steps: int, seeds: list[int]) -> torch.Tensor:
-    """(B, steps) cosine similarity of consecutive embeddings along the cumulative one-step forward walk."""
+def walk_similarities(vlm, x: torch.Tensor, resolution: int, moves: int, seeds: list[int],
+                      step: int = 1) -> torch.Tensor:
+    """(B, moves) cosine similarity of consecutive embeddings along the cumulative forward walk, each move
+    ``step`` DDPM steps (``defense.step``)."""
     size = x.shape[-1]
     z = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False) * 2 - 1
     gens = generators(seeds)
-    betas = schedule.discrete_betas()
 
     def phi(z_: torch.Tensor) -> torch.Tensor:
         pixels = ((z_ + 1) / 2).clamp(0, 1)
@@ -55,9 +56,9 @@ def walk_similarities(vlm, x: torch.Tensor, resolution: int, steps: int, seeds: 
 
     prev = phi(z)
     sims = []
-    for k in range(steps):
+    for m in range(moves):
         noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens])
-        z = schedule.forward_step(z, betas[k], noise)
+        z = schedule.forward_move(z, m * step, step, noise)
         cur = phi(z)
         sims.append((cur * prev).sum(-1))
         prev = cur
@@ -73,7 +74,8 @@ def first_pass(sims: np.ndarray, tau: float) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="captioning")
-    parser.add_argument("--steps", type=int, default=150, help="forward steps to trace (1 step = 1/1000)")
+    parser.add_argument("--steps", type=int, default=150, help="forward moves to trace")
+    parser.add_argument("--step", type=int, default=1, help="DDPM steps per move, as defense.step (1 = 1/1000)")
     args, overrides = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     register_resolvers()
@@ -86,7 +88,7 @@ def main() -> None:
     seeds = [derive_seed(cfg.seed.noise, "calibrate", s["id"]) for s in samples]
     with torch.no_grad():
         pair_sim = (embed(vlm, x) * embed(vlm, x_adv)).sum(-1).numpy()
-        sims = {name: torch.cat([walk_similarities(vlm, imgs[i : i + bs], resolution, args.steps, seeds[i : i + bs])
+        sims = {name: torch.cat([walk_similarities(vlm, imgs[i : i + bs], resolution, args.steps, seeds[i : i + bs], args.step)
                                  for i in range(0, len(samples), bs)]).numpy()
                 for name, imgs in (("clean", x), ("adv", x_adv))}
     tau = float(pair_sim.mean())
@@ -95,14 +97,14 @@ def main() -> None:
                                "never_passed": float((first_pass(s, t) == args.steps).mean())}
                         for name, s in sims.items()} for t in grid}
     result = {
-        "overrides": overrides, "task": args.task, "n_pairs": len(samples), "steps": args.steps,
+        "overrides": overrides, "task": args.task, "n_pairs": len(samples), "moves": args.steps, "step": args.step,
         "suggested_tau": tau, "pair_similarity": {"mean": tau, "std": float(pair_sim.std()),
                                                   "p10": float(np.quantile(pair_sim, 0.1)),
                                                   "p90": float(np.quantile(pair_sim, 0.9))},
         "mean_curve": {name: s.mean(0).tolist() for name, s in sims.items()},
         "stopping_step_by_tau": stops,
     }
-    out = PROJECT_ROOT / "results" / "calibration" / f"tau_{cfg.dataset.name}"
+    out = PROJECT_ROOT / "results" / "calibration" / f"tau_{cfg.dataset.name}_{args.task}_step{args.step}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -112,7 +114,7 @@ def main() -> None:
         ax.plot(steps, m, label=f"{name} inputs")
         ax.fill_between(steps, m - sd, m + sd, alpha=0.2)
     ax.axhline(tau, color="k", ls="--", lw=1, label=f"suggested tau = {tau:.3f}")
-    ax.set_xlabel("forward step k (t = k/1000)")
+    ax.set_xlabel(f"forward move m (t = {args.step} m / 1000)")
     ax.set_ylabel("cos(phi(x_{k+1}), phi(x_k))")
     ax.set_title(f"tau calibration, {cfg.dataset.name} / {cfg.vlm.name}, {len(samples)} pairs")
     ax.legend()
