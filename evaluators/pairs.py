@@ -32,6 +32,8 @@ def clean_and_adversarial(cfg: DictConfig, task_name: str) -> Pairs:
     """The evaluated subset of ``task_name`` (``n_samples``, ``seed.subset``) and its ``cfg.attack`` images."""
     from attacks.cache import AdversarialCache
 
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     if cfg.dataset.get("prepare") is not None:
         instantiate(cfg.dataset.prepare)
     vlm = instantiate(cfg.vlm.model).eval().requires_grad_(False)

@@ -15,14 +15,6 @@ from diffcap.purifiers import DiffCAP, DiffPure, bpda
 from diffcap.samplers import DDIM, DDPMAncestral, ReverseSDE
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyDenoiser(nn.Module):
     """A fixed random conv net eps(x, t): stands in for the real denoiser's interface."""
 

@@ -10,14 +10,6 @@ import torch
 from diffcap import schedule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gaussian_eps(x: torch.Tensor, t: torch.Tensor | float, m: float, s: float) -> torch.Tensor:
     """Exact noise prediction for data ~ N(m, s^2) per pixel: x_t ~ N(sqrt(a) m, a s^2 + 1 - a)."""
     a = schedule._bc(schedule.alpha_bar(t), x)

@@ -32,15 +32,6 @@ CLASSES = ["circle", "cross", "hexagon", "square", "star", "triangle"]
 QUESTIONS = ["What color is the circle?", "How many shapes are there?", "Is there a red star in the picture?"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread is faster than contended intra-op threads on a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _tokenizer() -> WordTokenizer:
     texts = ["describe the image .", "question : answer :", "a big red circle on the left", "yes no 1 2 3"]
     texts += QUESTIONS + [t.format(c) for c in CLASSES for t in CLASS_TEMPLATES]

@@ -18,16 +18,6 @@ import torch.nn.functional as F
 from diffcap.denoisers import Denoiser, load_guided_diffusion
 from diffcap.unet import GUIDED_DIFFUSION_256_UNCOND_FLAGS, UNetModel
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convs on a shared CPU run far faster on one thread than on oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- expected state-dict layout
 
 
