@@ -108,7 +108,7 @@ def main() -> None:
     for k, v in table.items():
         lines.append(f"| {k} | {v['seconds_per_image']:.4f} | {v['t_mean']:.4f} | {v['t_median']:.4f} | "
                      f"{v['denoiser_evals_mean']:.1f} | {v['encoder_evals_mean']:.1f} | {v['converged_fraction']:.2f} |")
-    lines += ["", *(f"- {k}: **{v:.3f}**" for k, v in ratios.items())]
+    lines += ["", *(f"- {k}: **{v:.4g}**" for k, v in ratios.items())]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -20,7 +20,7 @@ def rows(root: Path) -> list[dict]:
         base = {
             "vlm": cfg["vlm"]["name"], "dataset": cfg["dataset"]["name"], "attack": cfg["attack"]["name"],
             "eps": cfg["attack"].get("eps"), "defense": cfg["defense"]["name"], "tau": cfg["defense"].get("tau"),
-            "t_star": cfg["defense"].get("t_star"), "n": None, "run": str(path.parent),
+            "t_star": cfg["defense"].get("t_star"), "n": None, "run": str(path.parent.relative_to(root)),
         }
         for task, metrics in s["metrics"].items():
             row = {**base, "task": task, "n": s["samples"][task]["evaluated"]}

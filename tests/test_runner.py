@@ -113,7 +113,7 @@ def test_resume_after_sigkill_gives_the_same_metrics(data_dir, tmp_path):
 
     proc = run_py([*args, f"hydra.run.dir={out}"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming" in proc.stderr
+    assert "resuming" in proc.stdout + proc.stderr
     recs = records(out)
     assert len(recs) == 40 and len({r["id"] for r in recs}) == 40
     got = json.loads((out / "summary.json").read_text())
