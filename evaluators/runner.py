@@ -81,15 +81,15 @@ def build(cfg: DictConfig, run_dir: Path) -> Harness:
     device = torch.device(cfg.device)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
+    if "captioning" in (cfg.get("tasks") or cfg.dataset.tasks):
+        from evaluators.metrics.cider import check_java
+
+        check_java()  # before any model is loaded: CIDEr's tokenizer needs Java
     if cfg.dataset.get("prepare") is not None:
         instantiate(cfg.dataset.prepare)
     vlm: VLMAdapter = instantiate(cfg.vlm.model)
     vlm = vlm.to(device).eval().requires_grad_(False)
     tasks = {name: instantiate(cfg.dataset.tasks[name]) for name in select_tasks(cfg, vlm)}
-    if "captioning" in tasks:
-        from evaluators.metrics.cider import check_java
-
-        check_java()
     defense = build_defense(cfg, vlm, device)
     attack = instantiate(cfg.attack.method) if cfg.attack.get("method") is not None else None
     cache = None
