@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from evaluators.config import PROJECT_ROOT, compose_config, register_resolvers  # noqa: E402
+from evaluators.config import PROJECT_ROOT, compose_config  # noqa: E402
 from evaluators.pairs import clean_and_adversarial  # noqa: E402
 from evaluators.seeding import derive_seed, generators  # noqa: E402
 
@@ -64,7 +64,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args, overrides = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    register_resolvers()
     overrides = ["attack=apgd", "n_samples=32", *overrides]
     cfg = compose_config(overrides)
     pairs = clean_and_adversarial(cfg, args.task)

@@ -31,7 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from diffcap import schedule  # noqa: E402
-from evaluators.config import PROJECT_ROOT, compose_config, register_resolvers  # noqa: E402
+from evaluators.config import PROJECT_ROOT, compose_config  # noqa: E402
 from evaluators.pairs import clean_and_adversarial  # noqa: E402
 from evaluators.seeding import derive_seed, generators  # noqa: E402
 
@@ -78,7 +78,6 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=1, help="DDPM steps per move, as defense.step (1 = 1/1000)")
     args, overrides = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    register_resolvers()
     overrides = ["attack=apgd", "n_samples=100", *overrides]
     cfg = compose_config(overrides)
     pairs = clean_and_adversarial(cfg, args.task)

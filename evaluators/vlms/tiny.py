@@ -296,6 +296,16 @@ def _save(module: nn.Module, path: str | Path, config: dict[str, Any], tokenizer
     return p
 
 
+def _load(cls: type, config_cls: type, path: str | Path, device: str | torch.device,
+          dtype: torch.dtype | str | None) -> nn.Module:
+    """The shared body of both ``from_pretrained``: config, vocabulary and safetensors weights, strictly."""
+    p = _check_folder(path)
+    model = cls(config_cls.from_dict(json.loads((p / "config.json").read_text())), WordTokenizer.load(p / "vocab.json"))
+    model.load_state_dict(load_file(str(p / "model.safetensors")))
+    _freeze(model)
+    return model.to(device=device, dtype=_as_dtype(dtype))
+
+
 def _freeze(module: nn.Module) -> None:
     module.eval()
     for prm in module.parameters():
@@ -387,12 +397,7 @@ class TinyCLIP(VLMAdapter):
         cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
     ) -> TinyCLIP:
         """Load a checkpoint folder made by ``save_pretrained``; frozen and in eval mode."""
-        p = _check_folder(path)
-        cfg = TinyCLIPConfig.from_dict(json.loads((p / "config.json").read_text()))
-        model = cls(cfg, WordTokenizer.load(p / "vocab.json"))
-        model.load_state_dict(load_file(str(p / "model.safetensors")))
-        _freeze(model)
-        return model.to(device=device, dtype=_as_dtype(dtype))
+        return _load(cls, TinyCLIPConfig, path, device, dtype)
 
 
 # ------------------------------------------------------------------------------------------- TinyVLM
@@ -556,9 +561,4 @@ class TinyVLM(VLMAdapter):
         cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
     ) -> TinyVLM:
         """Load a checkpoint folder made by ``save_pretrained`` (CLIP weights included); frozen, eval mode."""
-        p = _check_folder(path)
-        cfg = TinyVLMConfig.from_dict(json.loads((p / "config.json").read_text()))
-        model = cls(cfg, WordTokenizer.load(p / "vocab.json"))
-        model.load_state_dict(load_file(str(p / "model.safetensors")))
-        _freeze(model)
-        return model.to(device=device, dtype=_as_dtype(dtype))
+        return _load(cls, TinyVLMConfig, path, device, dtype)
