@@ -267,12 +267,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--models", default="clip,llava,openflamingo", help="comma-separated subset")
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-test", type=int, default=500)
-    ap.add_argument("--llava-steps", type=int, default=1500)
-    ap.add_argument("--of-steps", type=int, default=1500)
-    ap.add_argument("--clip-steps", type=int, default=1000)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--llava-steps", type=int, default=600)
+    ap.add_argument("--of-steps", type=int, default=350)
+    ap.add_argument("--clip-steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=32, help="LLaVA batch (half captions, half VQA)")
+    ap.add_argument("--of-batch", type=int, default=12, help="OpenFlamingo batch (half captions, half VQA)")
     ap.add_argument("--clip-batch", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--vocab", type=int, default=500, help="BPE vocabulary of the LLaVA/OpenFlamingo tokenizer")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -291,18 +292,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bpe = B.train_bpe(texts, args.vocab)
     seconds: dict[str, float] = {}
     if "clip" in wanted:
+        torch.manual_seed(args.seed)  # each model starts from the same RNG state, alone or with the others
         t0 = time.perf_counter()
         model, proc = train_clip(train, texts, args.clip_steps, args.clip_batch, args.lr, args.seed, out / "tiny_clip_hf")
         save_hf(model, proc, out / "tiny_clip_hf")
         seconds["clip"] = time.perf_counter() - t0
     if "llava" in wanted:
+        torch.manual_seed(args.seed)
         t0 = time.perf_counter()
         model, proc = train_llava(train, bpe, args.llava_steps, args.batch, args.lr, args.seed)
         save_hf(model, proc, out / "tiny_llava")
         seconds["llava"] = time.perf_counter() - t0
     if "openflamingo" in wanted:
+        torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        train_openflamingo(train, bpe, out / "tiny_openflamingo", args.of_steps, args.batch, args.lr, args.seed)
+        train_openflamingo(train, bpe, out / "tiny_openflamingo", args.of_steps, args.of_batch, args.lr, args.seed)
         write_manifest(out / "tiny_openflamingo")
         seconds["openflamingo"] = time.perf_counter() - t0
     record = {"command": "python scripts/train_tiny_vlms.py " + shlex.join(sys.argv[1:] if argv is None else argv),
