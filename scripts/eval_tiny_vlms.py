@@ -287,7 +287,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--limit", type=int, default=0, help="only the first N test images (0: all 500), for trials")
     ap.add_argument("--out", default="results/calibration/tiny_vlms", help="writes <out>.json and <out>.png")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="instead of evaluating, merge these result json files (one model each) into <out>")
     args = ap.parse_args(argv)
+    if args.merge:
+        results = {}
+        for f in args.merge:
+            results.update(json.loads(Path(f).read_text()))
+        return write_results(results, Path(args.out))
     names = {"clip": "tiny_clip_hf", "llava": "tiny_llava", "openflamingo": "tiny_openflamingo"}
     wanted = args.models.split(",")
     for w in wanted:
@@ -311,7 +318,11 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             results[w] = eval_captioner(Captioner(w, folder), train, test, args.n_attack, args.attack_steps,
                                         args.moves, args.batch)
-    out = Path(args.out)
+    return write_results(results, Path(args.out))
+
+
+def write_results(results: dict, out: Path) -> dict:
+    """<out>.json (everything), <out>.png (the premise curves) and a summary on stdout."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     plot({k: v for k, v in results.items() if k != "trivial"}, out.with_suffix(".png"))
