@@ -66,10 +66,20 @@ def user_error(exc: BaseException | None) -> BaseException | None:
     return None
 
 
+#: lines of Hydra's and OmegaConf's messages that only repeat context (the line before them names the problem)
+_NOISE = ("Config search path", "full_key:", "object_type", "reference_type", "provider=")
+
+
 def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on a single line (the first line of a multi-line message carries the fix)."""
-    text = " ".join(part.strip() for part in str(exc).strip().splitlines() if part.strip())
-    return text or type(exc).__name__
+    """The message of ``exc`` on a single line, without the context lines Hydra and OmegaConf append."""
+    parts = []
+    for part in str(exc).strip().splitlines():
+        part = part.strip()
+        if part.startswith(_NOISE):
+            break
+        if part:
+            parts.append(part)
+    return " ".join(parts) or type(exc).__name__
 
 
 def report(exc: BaseException) -> int:
