@@ -41,12 +41,25 @@ def compose_config(overrides: Sequence[str], output_dir: str | Path | None = Non
     except ConfigError:
         raise
     except Exception as e:  # Hydra's override parser and config loader raise several unrelated types
-        raise ConfigError(f"bad override: {e}") from e
+        raise ConfigError(f"bad override: {_chain(e)}") from e
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir or PROJECT_ROOT / "results" / "scratch")
     if check:
         validate(cfg)
     return cfg
+
+
+def _chain(exc: BaseException) -> str:
+    """The messages of an exception and its causes (Hydra wraps the one that names the problem)."""
+    from evaluators.errors import one_line
+
+    parts: list[str] = []
+    while exc is not None and len(parts) < 4:
+        text = one_line(exc)
+        if text and text != "None" and not any(text in p for p in parts):
+            parts.append(text)
+        exc = exc.__cause__ or exc.__context__
+    return ": ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------- value checks
@@ -63,6 +76,7 @@ class Check:
     hi_open: bool = False
     choices: tuple[str, ...] = ()
     optional: bool = False
+    unit: str = ""
 
     def ok(self, v: Any) -> bool:
         if v is None:
@@ -90,7 +104,7 @@ class Check:
                 text += f" in {'(' if self.lo_open else '['}{_n(self.lo)}, {_n(self.hi)}{')' if self.hi_open else ']'}"
             elif self.lo is not None:
                 text += f" {'>' if self.lo_open else '>='} {_n(self.lo)}"
-        return text + (" (or null)" if self.optional else "")
+        return text + (f" ({self.unit})" if self.unit else "") + (" (or null)" if self.optional else "")
 
 
 def _n(x: float) -> str:
@@ -107,7 +121,7 @@ CHECKS: dict[str, Check] = {
     "n_samples": POSITIVE_INT, "batch_size": POSITIVE_INT, "torch_threads": Check("int", lo=1, optional=True),
     "seed.subset": Check("int", lo=0), "seed.noise": Check("int", lo=0), "resume": BOOL,
     "harness_version": POSITIVE_INT,
-    "attack.eps": Check("num", lo=1, hi=64), "attack.steps": POSITIVE_INT,
+    "attack.eps": Check("num", lo=1, hi=64, unit="in 1/255 units"), "attack.steps": POSITIVE_INT,
     "attack.eot_iter": POSITIVE_INT, "attack.eval_draws": Check("int", lo=1, optional=True),
     "attack.schedule": Check("enum", choices=("single", "ensemble")),
     "attack.precision": Check("enum", choices=("float32", "float16", "bfloat16")),

@@ -156,6 +156,8 @@ def changed(previous: dict[str, Any], now: dict[str, Any], where: dict[str, str]
     for section in ("weights", "data"):
         old, new = previous.get(section) or {}, now.get(section) or {}
         for k in sorted(set(old) & set(new)):
+            if section == "weights" and ("ref" in old[k] or "ref" in new[k]):
+                continue  # a hub id or a missing checkpoint: the loader says what it is
             if old[k] != new[k]:
                 out.append(f"{'weights' if section == 'weights' else 'annotation file'} {k} ({where.get(k, '?')})")
     return out
