@@ -49,6 +49,8 @@ class Harness:
     stats: dict[str, float] = field(default_factory=dict)
     #: {"weights": {config key: {file: sha256}}, "data": {task.key: sha256}}, see evaluators.fingerprints
     fingerprints: dict[str, Any] = field(default_factory=dict)
+    #: the evaluated ids of each task (set by run_task; part of the cache key where the metric depends on them)
+    subsets: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def eval_draws(self) -> int:
@@ -158,6 +160,7 @@ def run_task(h: Harness, name: str, task: Task) -> None:
     results.write_json_atomic(manifest, {"task": name, "seed": int(h.cfg.seed.subset), "n": len(subset),
                                          "of": len(ids), "ids": subset})
     task.prepare(subset)
+    h.subsets[name] = subset
     bs = int(h.cfg.batch_size)
     batches = [subset[i : i + bs] for i in range(0, len(subset), bs)]
     done = results.completed_batches(h.run_dir, name, {b: len(ids_b) for b, ids_b in enumerate(batches)})
@@ -307,10 +310,8 @@ def adversarial_images(h: Harness, name: str, task: Task, samples: list[dict],
 def key_material(h: Harness, name: str, task: Task, adaptive: bool) -> dict[str, Any]:
     """What an adversarial image depends on besides its pixels (see attacks/cache.py); no paths, so a moved
     checkpoint or data set still hits, and changed weights miss."""
-    fingerprints = h.fingerprints or {"weights": {}}
-    if not h.fingerprints:  # a Harness built outside build() (scripts): fingerprint the weights now
-        fingerprints = fingerprint_run(h.cfg, [])
-    weights = fingerprints["weights"]
+    # a Harness built outside build() (scripts) has none yet: fingerprint the weights now (cached, so cheap)
+    weights = (h.fingerprints or fingerprint_run(h.cfg, []))["weights"]
     task_cfg = OmegaConf.to_container(h.cfg.dataset.tasks[name], resolve=True)
     material: dict[str, Any] = {
         "weights": {k: v for k, v in weights.items() if k.startswith("vlm")},
@@ -320,7 +321,7 @@ def key_material(h: Harness, name: str, task: Task, adaptive: bool) -> dict[str,
         "seed": int(h.cfg.seed.noise), "harness_version": int(h.cfg.harness_version),
     }
     if type(task).prepare is not Task.prepare:  # the metric depends on the evaluated subset (CIDEr's idf)
-        ids = select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+        ids = h.subsets.get(name) or select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
         material["subset"] = hashlib.sha256("\x1f".join(ids).encode()).hexdigest()
     if adaptive:
         defense = OmegaConf.to_container(h.cfg.defense, resolve=True)
