@@ -239,3 +239,24 @@ def test_published_hashes_of_the_committed_checkpoints_match():
         published = published_hashes(folder)
         assert "model.safetensors" in published
         assert checkpoint_fingerprint(folder) == {k: v for k, v in published.items()}
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (PermissionError(13, "Permission denied", "/runs/x/samples.jsonl"), "cannot write or read /runs/x/samples.jsonl"),
+    (OSError(28, "No space left on device", "/runs/x/summary.json"), "No space left on device"),
+    (RuntimeError("wrapper"), None),
+])
+def test_the_handler_reports_user_errors_in_one_line_and_reraises_bugs(exc, expected, capsys):
+    """A read-only or full disk is the user's to fix (root ignores permissions, so this is checked directly);
+    anything else is a bug and keeps its traceback."""
+    from evaluators.errors import report
+
+    if expected is None:
+        with pytest.raises(RuntimeError, match="wrapper"):
+            report(exc)
+        return
+    wrapped = RuntimeError("instantiate failed")
+    wrapped.__cause__ = exc  # as Hydra's instantiate wraps it
+    assert report(wrapped) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expected in err
