@@ -34,6 +34,7 @@ from calibrate_tau import first_pass, walk_similarities  # noqa: E402
 from attacks.apgd import APGD  # noqa: E402
 from attacks.base import check_invariants  # noqa: E402
 from evaluators.datasets.shapes import CLASSNAMES  # noqa: E402
+from evaluators.errors import ConfigError, DataError, IntegrityError, cli  # noqa: E402
 from evaluators.metrics.cider import CiderScorer  # noqa: E402
 from evaluators.metrics.vqa_accuracy import vqa_accuracy  # noqa: E402
 
@@ -46,7 +47,7 @@ def verify_manifest(folder: Path) -> None:
     for line in (folder / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split(maxsplit=1)
         if hashlib.sha256((folder / name).read_bytes()).hexdigest() != digest:
-            raise SystemExit(f"error: {folder / name} does not match its sha256 in {folder / 'SHA256SUMS'}")
+            raise IntegrityError(f"{folder / name} does not match its sha256 in {folder / 'SHA256SUMS'}")
 
 
 def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -299,9 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     wanted = args.models.split(",")
     for w in wanted:
         if w not in names:
-            raise SystemExit(f"error: --models must be a subset of {','.join(names)}, got {w!r}")
+            raise ConfigError(f"--models must be a subset of {','.join(names)}, got {w!r}")
         if not (Path(args.ckpt) / names[w] / "SHA256SUMS").is_file():
-            raise SystemExit(f"error: {Path(args.ckpt) / names[w]} has no SHA256SUMS; train it first")
+            raise DataError(f"{Path(args.ckpt) / names[w]} has no SHA256SUMS; train it first (scripts/train_tiny_vlms.py)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(1)
     train, test = T.load_split(Path(args.data), "train"), T.load_split(Path(args.data), "test")
@@ -334,4 +335,4 @@ def write_results(results: dict, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

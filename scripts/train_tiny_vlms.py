@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tiny_vlm_builders as B  # noqa: E402
 
 from evaluators.datasets.shapes import CLASSNAMES, generate_shapes  # noqa: E402
+from evaluators.errors import ConfigError, cli  # noqa: E402
 
 log = logging.getLogger("train_tiny_vlms")
 
@@ -280,8 +281,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = ap.parse_args(argv)
     wanted = set(args.models.split(","))
     if not wanted <= {"clip", "llava", "openflamingo"}:
-        print(f"error: --models must be a subset of clip,llava,openflamingo, got {args.models!r}", file=sys.stderr)
-        raise SystemExit(2)
+        raise ConfigError(f"--models must be a subset of clip,llava,openflamingo, got {args.models!r}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -317,4 +317,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
