@@ -154,8 +154,9 @@ def build_llava(bpe: Tokenizer, width: int = 128, vision_width: int = 64) -> tup
 
 def of_vision_config(width: int = 64) -> dict:
     """open_clip model config of OpenFlamingo's vision tower: a ViT at 56 px, patch 7 (8 x 8 grid); the text
-    tower is required by open_clip's CLIP class but never used by OpenFlamingo, so it is minimal."""
-    return {"embed_dim": width,
+    tower is required by open_clip's CLIP class but never used by OpenFlamingo, so it is minimal. QuickGELU, as
+    OpenAI's CLIP towers (and the tiny CLIP, whose weights start this tower) use."""
+    return {"embed_dim": width, "quick_gelu": True,
             "vision_cfg": {"image_size": OF_RES, "layers": 4, "width": width, "head_width": 16, "patch_size": 7,
                            "mlp_ratio": 4.0},
             "text_cfg": {"context_length": 8, "vocab_size": 16, "width": 16, "heads": 1, "layers": 1}}

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tiny_vlm_builders as B  # noqa: E402
+import tiny_vlm_init as I  # noqa: E402
 
 from evaluators.datasets.shapes import CLASSNAMES, generate_shapes  # noqa: E402
 from evaluators.errors import ConfigError, cli  # noqa: E402
@@ -82,17 +83,19 @@ def lr_at(step: int, steps: int, base: float) -> float:
     return base * (step + 1) / warm if step < warm else base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
-def optimise(params: list[torch.nn.Parameter], steps: int, lr: float, loss_at, name: str) -> None:
-    """AdamW with warm-up + cosine decay; ``loss_at(step)`` returns the batch loss."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+def optimise(groups: list[tuple[list[torch.nn.Parameter], float]], steps: int, lr: float, loss_at, name: str) -> None:
+    """AdamW with warm-up + cosine decay over ``(parameters, lr multiplier)`` groups; ``loss_at(step)`` returns
+    the batch loss (parameters without a gradient at a step, e.g. a still frozen tower, are left alone)."""
+    opt = torch.optim.AdamW([{"params": ps, "mult": m} for ps, m in groups], lr=lr, weight_decay=0.01)
+    params = [p for ps, _ in groups for p in ps]
     t0 = time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
+            g["lr"] = lr_at(step, steps, lr) * g["mult"]
         loss = loss_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], 1.0)
         opt.step()
         if step % 10 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.4f (%.0f s)", name, step, steps, loss.item(), time.perf_counter() - t0)
@@ -145,18 +148,30 @@ def llava_loss(model, proc, x: torch.Tensor, users: list[str], targets: list[str
     return model(pixel_values=B.normalize(x), **batch).loss
 
 
-def train_llava(train: dict[str, Any], bpe, steps: int, batch: int, lr: float, seed: int):
+def train_llava(train: dict[str, Any], bpe, steps: int, batch: int, lr: float, seed: int,
+                vision_init: Path | None = None, freeze_vision_steps: int = 0, projector_lr_mult: float = 1.0):
+    """From ``vision_init`` (a tiny CLIP folder) the tower starts pretrained and stays frozen for the first
+    ``freeze_vision_steps`` (LLaVA's alignment stage; the LM trains there too, being untrained here)."""
     model, proc = B.build_llava(bpe)
+    if vision_init is not None:
+        I.init_llava_tower(model, vision_init)
     pix = to_pixels(train["images"], B.LLAVA_RES)
     rng = np.random.default_rng(seed)
     model.train()
+    tower = model.vision_tower
+    tower.requires_grad_(freeze_vision_steps == 0)
+    proj = list(model.multi_modal_projector.parameters())
+    ids = {id(p) for p in proj}
 
     def loss_at(step: int) -> torch.Tensor:
+        if step == freeze_vision_steps:
+            tower.requires_grad_(True)
         items = sample_items(train, rng, batch)
         users = [CAPTION_USER if k == "caption" else VQA_USER.format(question=q) for _, k, q, _ in items]
         return llava_loss(model, proc, pix[[r for r, *_ in items]], users, [t for *_, t in items])
 
-    optimise(list(model.parameters()), steps, lr, loss_at, "llava")
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    optimise([(rest, 1.0), (proj, projector_lr_mult)], steps, lr, loss_at, "llava")
     return model.eval(), proc
 
 
@@ -181,11 +196,22 @@ def of_loss(model, tok, x: torch.Tensor, prompts: list[str], targets: list[str])
         model.lang_encoder.clear_conditioned_layers()
 
 
-def train_openflamingo(train: dict[str, Any], bpe, folder: Path, steps: int, batch: int, lr: float, seed: int):
+def train_openflamingo(train: dict[str, Any], bpe, folder: Path, steps: int, batch: int, lr: float, seed: int,
+                       vision_init: Path | None = None, gate_init: float = 0.0, gate_lr_mult: float = 1.0):
+    """From ``vision_init`` the tower starts as the tiny CLIP's. ``gate_init`` sets the tanh gates of the
+    cross-attention layers: the package starts them at 0 so that a pretrained, frozen LM is unchanged at the
+    start; here the LM is untrained, so that reason does not apply, and gates at 0 stay near 0 (the image is
+    ignored) in a CPU-sized run. ``gate_lr_mult`` scales their learning rate."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{B.OF_VISION_NAME}.json").write_text(json.dumps(B.of_vision_config(), indent=2))
     B.save_lm(bpe, folder / "lm")
     model, tok = B.load_openflamingo(folder)
+    if vision_init is not None:
+        I.init_openflamingo_tower(model, vision_init)
+    gates = [p for n, p in model.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
+    with torch.no_grad():
+        for g in gates:
+            g.fill_(gate_init)
     tok.padding_side = "right"
     model.requires_grad_(True)
     pix = to_pixels(train["images"], B.OF_RES)
@@ -204,7 +230,9 @@ def train_openflamingo(train: dict[str, Any], bpe, folder: Path, steps: int, bat
             prompts.append(demos + of_text(kind, q, None))
         return of_loss(model, tok, pix[[r for r, *_ in items]], prompts, [t for *_, t in items])
 
-    optimise([p for p in model.parameters() if p.requires_grad], steps, lr, loss_at, "openflamingo")
+    ids = {id(g) for g in gates}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    optimise([(rest, 1.0), (gates, gate_lr_mult)], steps, lr, loss_at, "openflamingo")
     model.eval()
     B.save_openflamingo(model, tok, folder)
     return model, tok
@@ -240,7 +268,7 @@ def train_clip(train: dict[str, Any], texts: list[str], steps: int, batch: int, 
         zero_shot = F.cross_entropy(scale * img @ clip_class_embeddings(model, tok).T, train["labels"][idx])
         return contrastive + zero_shot
 
-    optimise(list(model.parameters()), steps, lr, loss_at, "clip")
+    optimise([(list(model.parameters()), 1.0)], steps, lr, loss_at, "clip")
     return model.eval(), proc
 
 
@@ -276,12 +304,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--clip-batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--vocab", type=int, default=500, help="BPE vocabulary of the LLaVA/OpenFlamingo tokenizer")
+    ap.add_argument("--vision-init", default=None,
+                    help="tiny CLIP folder whose vision tower starts the LLaVA and OpenFlamingo towers "
+                         "(default: <out>/tiny_clip_hf, trained first when --models has clip); 'none': from scratch")
+    ap.add_argument("--freeze-vision-steps", type=int, default=0, help="LLaVA: tower frozen for these first steps")
+    ap.add_argument("--projector-lr-mult", type=float, default=1.0, help="LLaVA projector learning-rate multiplier")
+    ap.add_argument("--gate-init", type=float, default=0.0, help="OpenFlamingo cross-attention gates' start (package: 0)")
+    ap.add_argument("--gate-lr-mult", type=float, default=1.0, help="OpenFlamingo gates' learning-rate multiplier")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     wanted = set(args.models.split(","))
     if not wanted <= {"clip", "llava", "openflamingo"}:
         raise ConfigError(f"--models must be a subset of clip,llava,openflamingo, got {args.models!r}")
+    init = None if args.vision_init == "none" else Path(args.vision_init or Path(args.out) / "tiny_clip_hf")
+    if init is not None and wanted & {"llava", "openflamingo"} and "clip" not in wanted \
+            and not (init / "model.safetensors").is_file():
+        raise ConfigError(f"--vision-init: {init} has no model.safetensors (train the CLIP first, or pass 'none')")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -300,13 +339,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if "llava" in wanted:
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        model, proc = train_llava(train, bpe, args.llava_steps, args.batch, args.lr, args.seed)
+        model, proc = train_llava(train, bpe, args.llava_steps, args.batch, args.lr, args.seed, init,
+                                  args.freeze_vision_steps, args.projector_lr_mult)
         save_hf(model, proc, out / "tiny_llava")
         seconds["llava"] = time.perf_counter() - t0
     if "openflamingo" in wanted:
         torch.manual_seed(args.seed)
         t0 = time.perf_counter()
-        train_openflamingo(train, bpe, out / "tiny_openflamingo", args.of_steps, args.of_batch, args.lr, args.seed)
+        train_openflamingo(train, bpe, out / "tiny_openflamingo", args.of_steps, args.of_batch, args.lr, args.seed,
+                           init, args.gate_init, args.gate_lr_mult)
         write_manifest(out / "tiny_openflamingo")
         seconds["openflamingo"] = time.perf_counter() - t0
     record = {"command": "python scripts/train_tiny_vlms.py " + shlex.join(sys.argv[1:] if argv is None else argv),

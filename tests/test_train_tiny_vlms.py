@@ -98,3 +98,58 @@ def test_clip_trains_saves_and_loads(world):
     assert proc2.tokenizer("a red circle")["input_ids"] == proc.tokenizer("a red circle")["input_ids"]
     assert proc2.tokenizer.decode(proc2.tokenizer("a red circle")["input_ids"], skip_special_tokens=True).strip() == "a red circle"
     assert proc2(images=train["images"][:1], return_tensors="pt")["pixel_values"].shape[-1] == B.CLIP_RES
+
+
+@pytest.fixture(scope="module")
+def random_clip(world, tmp_path_factory):
+    """A randomly initialised tiny CLIP saved as the training saves it (a stand-in for the trained one)."""
+    train, texts, _, _ = world
+    folder = tmp_path_factory.mktemp("clip_init")
+    model, proc = B.build_clip(B.clip_tokenizer(texts, 300, folder))
+    T.save_hf(model, proc, folder)
+    return model.eval(), folder, train
+
+
+def test_pi_resize_keeps_the_patch_response():
+    import tiny_vlm_init as I
+
+    w = torch.randn(5, 3, 8, 8)
+    x = torch.randn(7, 3, 8, 8)
+    for size in (12, 7):
+        wr = I.pi_resize_kernel(w, size)
+        xr = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        got, want = torch.einsum("ocij,ncij->no", wr, xr), torch.einsum("ocij,ncij->no", w, x)
+        if size > 8:  # upsampled patches: exact
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        else:  # least squares: much closer than no resizing at all
+            assert (got - want).norm() < 0.5 * want.norm()
+
+
+def test_open_clip_tower_from_hf_clip_is_the_same_function(random_clip):
+    import open_clip
+    import tiny_vlm_init as I
+
+    clip, folder, train = random_clip
+    cfg = B.of_vision_config()
+    cfg["vision_cfg"]["patch_size"] = 8  # the tiny CLIP's own geometry: the renaming alone must be exact
+    visual = open_clip.model.CLIP(**cfg).visual.eval()
+    visual.load_state_dict(I.hf_to_open_clip_visual(I.clip_vision_state(folder), 4))
+    x = B.normalize(T.to_pixels(train["images"][:3], B.CLIP_RES))
+    with torch.no_grad():
+        torch.testing.assert_close(visual(x), clip.get_image_features(pixel_values=x), atol=1e-5, rtol=1e-4)
+
+
+def test_llava_and_openflamingo_towers_start_from_the_clip(world, random_clip, tmp_path):
+    clip, folder, train = random_clip
+    _, _, bpe, _ = world
+    llava, _ = T.train_llava(train, bpe, steps=1, batch=2, lr=0.0, seed=0, vision_init=folder, freeze_vision_steps=1)
+    x56, x84 = (B.normalize(T.to_pixels(train["images"][:3], r)) for r in (B.CLIP_RES, B.LLAVA_RES))
+    with torch.no_grad():
+        want = clip.vision_model(x56).pooler_output
+        got = llava.vision_tower(x84).pooler_output
+    assert torch.nn.functional.cosine_similarity(want, got).min() > 0.99
+    of, _ = T.train_openflamingo(train, bpe, tmp_path / "of", steps=1, batch=2, lr=0.0, seed=0, vision_init=folder,
+                                 gate_init=0.5)
+    gates = [p for n, p in of.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
+    assert gates and all(g.item() == 0.5 for g in gates)
+    assert torch.equal(of.vision_encoder.ln_pre.weight, clip.vision_model.pre_layrnorm.weight)
