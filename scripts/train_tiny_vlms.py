@@ -4,8 +4,10 @@ them in their published layouts with a sha256 manifest per folder.
     python scripts/train_tiny_vlms.py --data data/shapes --out checkpoints
 LLaVA and OpenFlamingo learn captions and short VQA answers in their own prompt formats (loss on the answer
 tokens only); CLIP learns InfoNCE on (image, caption) pairs plus zero-shot classification against its class
-prompts. Unlike the real models, whose vision towers and LMs are pretrained and frozen, everything here is
-trained from scratch together (nothing pretrained exists for this world); the file formats are unchanged.
+prompts. The CLIP is trained first, from scratch; the LLaVA and OpenFlamingo vision towers start from its
+vision tower (as the real ones start from a pretrained CLIP), their projector/perceiver, cross-attention and
+LMs from scratch (nothing pretrained exists for this world), and all of it is trained, unlike the real
+models' frozen towers and LMs. The file formats are unchanged.
 """
 
 from __future__ import annotations
@@ -296,8 +298,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--models", default="clip,llava,openflamingo", help="comma-separated subset")
     ap.add_argument("--n-train", type=int, default=4000)
     ap.add_argument("--n-test", type=int, default=500)
-    ap.add_argument("--llava-steps", type=int, default=600)
-    ap.add_argument("--of-steps", type=int, default=350)
+    ap.add_argument("--llava-steps", type=int, default=900)
+    ap.add_argument("--of-steps", type=int, default=650)
     ap.add_argument("--clip-steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=32, help="LLaVA batch (half captions, half VQA)")
     ap.add_argument("--of-batch", type=int, default=12, help="OpenFlamingo batch (half captions, half VQA)")
@@ -307,9 +309,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--vision-init", default=None,
                     help="tiny CLIP folder whose vision tower starts the LLaVA and OpenFlamingo towers "
                          "(default: <out>/tiny_clip_hf, trained first when --models has clip); 'none': from scratch")
-    ap.add_argument("--freeze-vision-steps", type=int, default=0, help="LLaVA: tower frozen for these first steps")
+    ap.add_argument("--freeze-vision-steps", type=int, default=150, help="LLaVA: tower frozen for these first steps")
     ap.add_argument("--projector-lr-mult", type=float, default=1.0, help="LLaVA projector learning-rate multiplier")
-    ap.add_argument("--gate-init", type=float, default=0.0, help="OpenFlamingo cross-attention gates' start (package: 0)")
+    ap.add_argument("--gate-init", type=float, default=1.0, help="OpenFlamingo cross-attention gates' start (package: 0)")
     ap.add_argument("--gate-lr-mult", type=float, default=1.0, help="OpenFlamingo gates' learning-rate multiplier")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
