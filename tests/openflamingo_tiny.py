@@ -66,11 +66,11 @@ def save_lm(folder: Path, kind: str) -> None:
     if kind == "llama":
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
-                          tie_word_embeddings=True)
+                          tie_word_embeddings=True, initializer_range=0.5)
         LlamaForCausalLM(cfg).save_pretrained(folder)
         return
     cfg = MptConfig(d_model=32, n_heads=2, n_layers=2, expansion_ratio=2, max_seq_len=512, vocab_size=len(tok),
-                    attn_config={"attn_impl": "torch", "alibi": True})
+                    attn_config={"attn_impl": "torch", "alibi": True}, initializer_range=0.5)
     MptForCausalLM(cfg).save_pretrained(folder)
 
 
