@@ -196,8 +196,9 @@ def test_half_precision_agrees_with_fp32(tiny: TinyFlamingo, vlm: OpenFlamingoVL
 
 def test_postprocess_matches_open_flamingo() -> None:
     for raw in [" a red circle Output: two", "a dog\nOutput:", " red Question: what", "blue, green Short",
-                "yes Answer: no", "left, right, up", "plain"]:
-        assert postprocess(raw, cut_at=["Output"]) == postprocess_captioning_generation(raw).strip()
+                "yes Answer: no", "left, right, up", "plain", 'a "big" dog Output: "x"']:
+        want = postprocess_captioning_generation(raw).replace('"', "").strip()  # open_flamingo's caption clean-up
+        assert postprocess(raw, cut_at=["Output"], remove=['"']) == want
         assert postprocess(raw, ["Question", "Answer", "Short"], ", ") == postprocess_vqa_generation(raw).strip()
 
 

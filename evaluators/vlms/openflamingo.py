@@ -38,13 +38,17 @@ LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mode
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
-def postprocess(text: str, cut_at: Sequence[str] = (), split_at: str | None = None) -> str:
+def postprocess(text: str, cut_at: Sequence[str] = (), split_at: str | None = None,
+                remove: Sequence[str] = ()) -> str:
     """OpenFlamingo's answer clean-up: keep the text before the first of ``cut_at`` (the model runs on into a
-    new "Output:"/"Question:" chunk), then before the first ``split_at``; surrounding whitespace is dropped."""
+    new "Output:"/"Question:" chunk), then before the first ``split_at``, drop every ``remove`` string (its
+    captions drop '"'); surrounding whitespace is dropped."""
     if cut_at:
         text = re.split("|".join(re.escape(c) for c in cut_at), text, maxsplit=1)[0]
     if split_at:
         text = text.split(split_at, 1)[0]
+    for r in remove:
+        text = text.replace(r, "")
     return text.strip()
 
 
