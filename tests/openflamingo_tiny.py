@@ -35,6 +35,7 @@ class TinyFlamingo:
     trained_ckpt: Path      # plain state dict of the trained weights (the published checkpoint.pt)
     training_ckpt: Path     # open_flamingo's training checkpoint: model_state_dict with DDP's "module." prefix
     whole_ckpt: Path        # every weight, vision encoder included
+    published_ckpt: Path    # trained weights with no lm_head key, as MosaicML's MPT (no lm_head module) saved them
     reference: torch.nn.Module
     image_processor: object
     tokenizer: object
@@ -109,12 +110,14 @@ def build(root: Path, kind: str = "llama") -> TinyFlamingo:
     whole = root / "whole" / "checkpoint.pt"
     trained = root / "trained" / "checkpoint.pt"
     training = root / "training" / "checkpoint.pt"
-    for p in (whole, trained, training):
+    published = root / "published" / "checkpoint.pt"
+    for p in (whole, trained, training, published):
         p.parent.mkdir(exist_ok=True)
     torch.save(model.state_dict(), whole)
     state = filter_state_dict_to_trainable(model, model.state_dict())
     torch.save(state, trained)
     torch.save({"epoch": 0, "model_state_dict": {f"module.{k}": v for k, v in state.items()},
                 "optimizer_state_dict": {}, "lr_scheduler_state_dict": {}}, training)
-    return TinyFlamingo(root, vision_json, vision_weights, lm, trained, training, whole, model.eval(),
+    torch.save({k: v for k, v in state.items() if not k.startswith("lang_encoder.lm_head.")}, published)
+    return TinyFlamingo(root, vision_json, vision_weights, lm, trained, training, whole, published, model.eval(),
                         image_processor, tokenizer)

@@ -52,7 +52,7 @@ def package_inputs(tiny: TinyFlamingo, ims: list[Image.Image], texts: list[str],
     return vision_x, enc["input_ids"], enc["attention_mask"]
 
 
-@pytest.mark.parametrize("which", ["trained_ckpt", "training_ckpt", "whole_ckpt"])
+@pytest.mark.parametrize("which", ["trained_ckpt", "training_ckpt", "whole_ckpt", "published_ckpt"])
 def test_every_checkpoint_layout_loads_the_saved_model(tiny: TinyFlamingo, which: str) -> None:
     kw = tiny.kwargs(getattr(tiny, which))
     if which == "whole_ckpt":
