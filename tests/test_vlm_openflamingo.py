@@ -330,3 +330,16 @@ def test_run_py_end_to_end_on_the_tiny_checkpoint(tmp_path: Path) -> None:
         prompt = r["inputs"]["prompt"]
         assert prompt.count("<|endofchunk|>") == 2 and prompt.count("<image>") == 1
         assert prompt.endswith("<image>Output:" if r["task"] == "captioning" else " Short answer:")
+
+
+def test_every_file_the_model_reads_is_fingerprinted() -> None:
+    """Results depend on the language model, tokenizer and vision weights too, not only on checkpoint.pt."""
+    from evaluators.config import compose_config
+    from evaluators.fingerprints import checkpoint_paths
+
+    cfg = compose_config(["vlm=openflamingo", "vlm.checkpoint=/m/checkpoint.pt", "vlm.lang_encoder_path=/m/lm",
+                          "vlm.clip_vision_encoder_pretrained=/m/vit.pt"])
+    paths = checkpoint_paths(cfg)
+    for key, want in [("checkpoint", "/m/checkpoint.pt"), ("lang_encoder_path", "/m/lm"),
+                      ("tokenizer_path", "/m/lm"), ("clip_vision_encoder_pretrained", "/m/vit.pt")]:
+        assert paths[f"vlm.model.{key}"] == want
