@@ -278,6 +278,15 @@ def _broken(tiny: TinyFlamingo, tmp: Path, case: str) -> tuple[dict, str]:
     if case == "no_vision_config":
         kw["clip_vision_encoder_path"] = str(tmp / "missing.json")
         return kw, "vlm.clip_vision_encoder_path"
+    if case == "vision_file_missing":
+        kw["clip_vision_encoder_pretrained"] = str(tmp / "vit.pt")
+        return kw, "vlm.clip_vision_encoder_pretrained"
+    if case == "vision_tag_unknown":
+        kw["clip_vision_encoder_pretrained"] = "openai"  # a tag, but the tiny encoder has none
+        return kw, "vlm.clip_vision_encoder_pretrained"
+    if case == "vision_tag_not_cached":
+        kw["clip_vision_encoder_path"], kw["clip_vision_encoder_pretrained"] = "ViT-L-14", "openai"
+        return kw, "vlm.clip_vision_encoder_pretrained"
     if case == "resolution":
         kw["resolution"] = 336
         return kw, "vlm.resolution"
@@ -287,8 +296,13 @@ def _broken(tiny: TinyFlamingo, tmp: Path, case: str) -> tuple[dict, str]:
 @pytest.mark.parametrize("case", ["no_checkpoint", "truncated", "foreign", "lacks_perceiver_weight",
                                   "lacks_embeddings", "no_vision_weights", "wrong_cross_attn", "lm_without_weights",
                                   "lm_missing_shard", "no_tokenizer", "no_lm_folder", "hub_id_not_cached",
-                                  "no_vision_config", "resolution"])
-def test_bad_files_fail_fast_with_one_line(tiny: TinyFlamingo, tmp_path: Path, case: str) -> None:
+                                  "no_vision_config", "vision_file_missing", "vision_tag_unknown",
+                                  "vision_tag_not_cached", "resolution"])
+def test_bad_files_fail_fast_with_one_line(tiny: TinyFlamingo, tmp_path: Path, case: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
     kw, names = _broken(tiny, tmp_path, case)
     start = time.perf_counter()
     with pytest.raises(ConfigError) as info:

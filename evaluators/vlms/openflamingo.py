@@ -125,6 +125,27 @@ def _vision_encoder_name(value: str) -> str:
     return value
 
 
+def _vision_weights(name: str, pretrained: str | None, local_only: bool) -> None:
+    """Fail fast unless ``pretrained`` is None, an existing weights file, or an open_clip tag of ``name`` whose
+    weights are in the local Hugging Face cache (where open_clip looks first)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    key = "vlm.clip_vision_encoder_pretrained"
+    if pretrained is None or Path(pretrained).expanduser().is_file():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ConfigError(f"{key}={pretrained} is neither a weights file nor an open_clip tag of {name} "
+                          f"(tags: {', '.join(tags) or 'none'})")
+    hub = (open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub") or "").strip("/")
+    if local_only and hub:
+        files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        if not any(isinstance(try_to_load_from_cache(hub, f), str) for f in files):
+            raise ConfigError(f"{key}={pretrained}: the weights of {name} (hub id {hub}) are not in the local "
+                              "Hugging Face cache; set the key to the weights file instead")
+
+
 def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     """The state dict in ``checkpoint.pt``: a plain state dict (the published file) or open_flamingo's training
     checkpoint (``model_state_dict``, possibly with DDP's ``module.`` prefix)."""
@@ -228,10 +249,8 @@ class OpenFlamingoVLM(VLM):
         if dtype not in DTYPES:
             raise ConfigError(f"vlm.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         name = _vision_encoder_name(str(clip_vision_encoder_path))
-        pretrained = clip_vision_encoder_pretrained or None
-        if pretrained is not None and str(pretrained).startswith((".", "/", "~")) \
-                and not Path(pretrained).expanduser().is_file():
-            raise ConfigError(f"vlm.clip_vision_encoder_pretrained={pretrained}: no such weights file")
+        pretrained = str(clip_vision_encoder_pretrained) if clip_vision_encoder_pretrained else None
+        _vision_weights(name, pretrained, bool(use_local_files))
         _lm_folder(str(lang_encoder_path), "vlm.lang_encoder_path", LM_WEIGHTS, "a transformers causal LM",
                    use_local_files)
         _lm_folder(str(tokenizer_path), "vlm.tokenizer_path", TOKENIZER_FILES, "a tokenizer", use_local_files)
