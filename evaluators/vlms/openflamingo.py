@@ -76,15 +76,14 @@ def _hub_snapshot(repo: str) -> Path | None:
         return None
 
 
-def _lm_folder(value: str, key: str, needs: Sequence[str], what: str, local_only: bool) -> None:
-    """Fail fast, naming ``key``, unless ``value`` is a folder (or a cached hub id) holding ``needs``."""
+def _lm_folder(value: str, key: str, needs: Sequence[str], what: str) -> None:
+    """Fail fast, naming ``key``, unless ``value`` is a folder (or a hub id in the local cache) holding ``needs``;
+    nothing is downloaded, ever."""
     folder = Path(value).expanduser()
     if not folder.is_dir():
         looks_like_path = value.startswith((".", "/", "~")) or value.count("/") != 1
-        snapshot = None if looks_like_path or not local_only else _hub_snapshot(value)
+        snapshot = None if looks_like_path else _hub_snapshot(value)
         if snapshot is None:
-            if not looks_like_path and not local_only:
-                return  # a hub id the user allows transformers to download
             raise ConfigError(f"{key}={value} is not a folder (nor a hub id in the local Hugging Face cache); "
                               f"it must hold {what}")
         folder = snapshot
@@ -125,7 +124,7 @@ def _vision_encoder_name(value: str) -> str:
     return value
 
 
-def _vision_weights(name: str, pretrained: str | None, local_only: bool) -> None:
+def _vision_weights(name: str, pretrained: str | None) -> None:
     """Fail fast unless ``pretrained`` is None, an existing weights file, or an open_clip tag of ``name`` whose
     weights are in the local Hugging Face cache (where open_clip looks first)."""
     import open_clip
@@ -139,7 +138,7 @@ def _vision_weights(name: str, pretrained: str | None, local_only: bool) -> None
         raise ConfigError(f"{key}={pretrained} is neither a weights file nor an open_clip tag of {name} "
                           f"(tags: {', '.join(tags) or 'none'})")
     hub = (open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub") or "").strip("/")
-    if local_only and hub:
+    if hub:
         files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
         if not any(isinstance(try_to_load_from_cache(hub, f), str) for f in files):
             raise ConfigError(f"{key}={pretrained}: the weights of {name} (hub id {hub}) are not in the local "
@@ -243,17 +242,16 @@ class OpenFlamingoVLM(VLM):
     def from_pretrained(cls, *, clip_vision_encoder_path: str, clip_vision_encoder_pretrained: str | None,
                         lang_encoder_path: str, tokenizer_path: str, cross_attn_every_n_layers: int,
                         checkpoint: str, resolution: int | None = None, trust_remote_code: bool = False,
-                        use_local_files: bool = True, dtype: str = "fp32", embed: str = "pooled") -> OpenFlamingoVLM:
+                        dtype: str = "fp32", embed: str = "pooled") -> OpenFlamingoVLM:
         """Build with open_flamingo's factory and load ``checkpoint`` (trained weights only, or the whole
         model). Every file is checked before anything heavy loads."""
         if dtype not in DTYPES:
             raise ConfigError(f"vlm.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         name = _vision_encoder_name(str(clip_vision_encoder_path))
         pretrained = str(clip_vision_encoder_pretrained) if clip_vision_encoder_pretrained else None
-        _vision_weights(name, pretrained, bool(use_local_files))
-        _lm_folder(str(lang_encoder_path), "vlm.lang_encoder_path", LM_WEIGHTS, "a transformers causal LM",
-                   use_local_files)
-        _lm_folder(str(tokenizer_path), "vlm.tokenizer_path", TOKENIZER_FILES, "a tokenizer", use_local_files)
+        _vision_weights(name, pretrained)
+        _lm_folder(str(lang_encoder_path), "vlm.lang_encoder_path", LM_WEIGHTS, "a transformers causal LM")
+        _lm_folder(str(tokenizer_path), "vlm.tokenizer_path", TOKENIZER_FILES, "a tokenizer")
         state = _read_checkpoint(str(checkpoint))
         try:
             # fixed seed: the rows that resize_token_embeddings adds to an untied output layer are random and
@@ -263,7 +261,7 @@ class OpenFlamingoVLM(VLM):
                 torch.manual_seed(0)
                 model, image_processor, tokenizer = of_factory.create_model_and_transforms(
                     name, pretrained, str(lang_encoder_path), str(tokenizer_path),
-                    cross_attn_every_n_layers=int(cross_attn_every_n_layers), use_local_files=bool(use_local_files))
+                    cross_attn_every_n_layers=int(cross_attn_every_n_layers), use_local_files=True)
         except ValueError as e:
             if "trust_remote_code" in str(e):
                 raise ConfigError(f"vlm.lang_encoder_path={lang_encoder_path} needs its own Python code, which "
