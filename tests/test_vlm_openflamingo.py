@@ -290,6 +290,9 @@ def _broken(tiny: TinyFlamingo, tmp: Path, case: str) -> tuple[dict, str]:
     if case == "resolution":
         kw["resolution"] = 336
         return kw, "vlm.resolution"
+    if case == "embed":
+        kw["embed"] = "cls"
+        return kw, "vlm.embed"
     raise AssertionError(case)
 
 
@@ -297,7 +300,7 @@ def _broken(tiny: TinyFlamingo, tmp: Path, case: str) -> tuple[dict, str]:
                                   "lacks_embeddings", "no_vision_weights", "wrong_cross_attn", "lm_without_weights",
                                   "lm_missing_shard", "no_tokenizer", "no_lm_folder", "hub_id_not_cached",
                                   "no_vision_config", "vision_file_missing", "vision_tag_unknown",
-                                  "vision_tag_not_cached", "resolution"])
+                                  "vision_tag_not_cached", "resolution", "embed"])
 def test_bad_files_fail_fast_with_one_line(tiny: TinyFlamingo, tmp_path: Path, case: str,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants

@@ -36,6 +36,7 @@ END_OF_CHUNK = "<|endofchunk|>"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+EMBED_OUTPUTS = ("pooled", "tokens")
 
 
 def postprocess(text: str, cut_at: Sequence[str] = (), split_at: str | None = None,
@@ -225,8 +226,8 @@ class OpenFlamingoVLM(VLM):
 
     def __init__(self, model: Flamingo, image_processor: T.Compose, tokenizer: object, embed: str = "pooled"):
         super().__init__()
-        if embed not in ("pooled", "tokens"):
-            raise ConfigError(f"vlm.embed must be 'pooled' or 'tokens', got {embed!r}")
+        if embed not in EMBED_OUTPUTS:
+            raise ConfigError(f"vlm.embed must be one of {list(EMBED_OUTPUTS)}, got {embed!r}")
         model.__class__ = _PixelGradFlamingo
         self.model = model
         self.tokenizer = tokenizer
@@ -245,9 +246,16 @@ class OpenFlamingoVLM(VLM):
                         dtype: str = "fp32", embed: str = "pooled") -> OpenFlamingoVLM:
         """Build with open_flamingo's factory and load ``checkpoint`` (trained weights only, or the whole
         model). Every file is checked before anything heavy loads."""
+        import open_clip
+
         if dtype not in DTYPES:
             raise ConfigError(f"vlm.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if embed not in EMBED_OUTPUTS:
+            raise ConfigError(f"vlm.embed must be one of {list(EMBED_OUTPUTS)}, got {embed!r}")
         name = _vision_encoder_name(str(clip_vision_encoder_path))
+        size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+        if resolution is not None and int(resolution) != size:
+            raise ConfigError(f"vlm.resolution={resolution} but the vision encoder {name} takes {size} px")
         pretrained = str(clip_vision_encoder_pretrained) if clip_vision_encoder_pretrained else None
         _vision_weights(name, pretrained)
         _lm_folder(str(lang_encoder_path), "vlm.lang_encoder_path", LM_WEIGHTS, "a transformers causal LM")
@@ -268,10 +276,7 @@ class OpenFlamingoVLM(VLM):
                                   "runs only with vlm.trust_remote_code=true") from None
             raise
         _load_weights(model, state, vision_pretrained=pretrained is not None)
-        vlm = cls(model.to(DTYPES[dtype]), image_processor, tokenizer, embed=embed)
-        if resolution is not None and int(resolution) != vlm.resolution:
-            raise ConfigError(f"vlm.resolution={resolution} but the vision encoder takes {vlm.resolution} px")
-        return vlm.eval().requires_grad_(False)
+        return cls(model.to(DTYPES[dtype]), image_processor, tokenizer, embed=embed).eval().requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:
