@@ -360,3 +360,18 @@ def test_every_file_the_model_reads_is_fingerprinted() -> None:
     for key, want in [("checkpoint", "/m/checkpoint.pt"), ("lang_encoder_path", "/m/lm"),
                       ("tokenizer_path", "/m/lm"), ("clip_vision_encoder_pretrained", "/m/vit.pt")]:
         assert paths[f"vlm.model.{key}"] == want
+
+
+def test_openflamingo_9b_size_on_the_meta_device() -> None:
+    """The README's parameter count: ViT-L/14 + MPT-7B + open_flamingo's perceiver and cross-attention."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("of_size", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "openflamingo_size.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build_meta()
+    assert mod.count(model) == 8_131_465_232
+    assert mod.count(model.vision_encoder) == 303_966_208
+    assert mod.count(model.lang_encoder.gated_cross_attn_layers) == 1_115_815_952
+    assert len([b for b in model.lang_encoder.gated_cross_attn_layers if b is not None]) == 8
