@@ -375,3 +375,19 @@ def test_openflamingo_9b_size_on_the_meta_device() -> None:
     assert mod.count(model.vision_encoder) == 303_966_208
     assert mod.count(model.lang_encoder.gated_cross_attn_layers) == 1_115_815_952
     assert len([b for b in model.lang_encoder.gated_cross_attn_layers if b is not None]) == 8
+
+
+def test_committed_tiny_openflamingo_loads_through_the_same_class() -> None:
+    """configs/vlm/tiny_openflamingo.yaml only points the OpenFlamingo config at the shapes-world files."""
+    from hydra.utils import instantiate
+
+    from evaluators.config import compose_config
+
+    tiny_cfg, real_cfg = compose_config(["vlm=tiny_openflamingo"]), compose_config(["vlm=openflamingo"])
+    assert tiny_cfg.vlm.model._target_ == real_cfg.vlm.model._target_
+    vlm = instantiate(tiny_cfg.vlm.model)
+    assert isinstance(vlm, OpenFlamingoVLM) and vlm.resolution == 56
+    x = vlm.to_pixels(images(1))
+    caption = vlm.generate(x, [vlm.format_prompt([Turn("Output:")])], num_beams=3, max_new_tokens=12,
+                           length_penalty=-2.0)[0]
+    assert len(caption.split()) >= 2, caption
