@@ -53,5 +53,5 @@ def validate(cfg: DictConfig) -> None:
     draws = cfg.defense.get("eval_draws", 1)
     if int(draws) < 1:
         raise ConfigError(f"defense.eval_draws must be >= 1, got {draws}")
-    if int(cfg.batch_size) < 1 or int(cfg.n_samples) < 1:
-        raise ConfigError("batch_size and n_samples must be >= 1")
+    if int(cfg.batch_size) < 1 or (cfg.n_samples is not None and int(cfg.n_samples) < 1):
+        raise ConfigError("batch_size and n_samples must be >= 1 (n_samples=null: the whole split)")

@@ -24,8 +24,9 @@ from attacks.base import check_invariants
 from diffcap.base import Purifier
 from evaluators import results
 from evaluators.config import validate
+from evaluators.datasets.manifests import evaluated_subset
 from evaluators.errors import ConfigError
-from evaluators.seeding import derive_seed, generators, select_subset
+from evaluators.seeding import derive_seed, generators
 from evaluators.summary import summarise, write_summary
 from evaluators.tasks.base import Task
 from evaluators.vlms.base import VLMAdapter
@@ -172,13 +173,13 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def run_task(h: Harness, name: str, task: Task) -> None:
-    ids = task.source.ids
-    subset = select_subset(ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+    drawn = evaluated_subset(task.source, name, h.cfg.n_samples, int(h.cfg.seed.subset),
+                             h.cfg.dataset.get("manifests"))
+    subset = drawn["ids"]
     manifest = results.manifest_path(h.run_dir, name)
     if manifest.exists() and json.loads(manifest.read_text())["ids"] != subset:
         raise ConfigError(f"{manifest} lists another subset than this config draws; delete the run folder")
-    results.write_json_atomic(manifest, {"task": name, "seed": int(h.cfg.seed.subset), "n": len(subset),
-                                         "of": len(ids), "ids": subset})
+    results.write_json_atomic(manifest, drawn)
     task.prepare(subset)
     bs = int(h.cfg.batch_size)
     batches = [subset[i : i + bs] for i in range(0, len(subset), bs)]
