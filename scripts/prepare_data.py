@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", default=list(REAL_DATASETS), metavar="NAME")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. n_samples=null seed.subset=42")
     args, extra = parser.parse_known_args(argv)
-    overrides = [*args.overrides, *extra]
+    overrides = [*args.overrides, *extra, *(d for d in args.datasets if "=" in d)]
+    args.datasets = [d for d in args.datasets if "=" not in d]
     if args.root is not None and "=" in str(args.root):
         overrides.insert(0, str(args.root))
         args.root = None
