@@ -9,6 +9,9 @@ what a partly filled root misses.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -105,12 +108,12 @@ def _vqa_pair(split: str, image_ids: list[int]) -> tuple[dict, dict]:
     for iid in image_ids:
         for j, (q, answers, qtype, atype) in enumerate([
             ("What color is the shape?", ["red"] * 7 + ["Red", "orange", "red "], "what color is the", "other"),
-            ("Is there a shape?", ["yes"] * 9 + ["no"], "is there a", "yes/no"),
+            ("Is there a shape?", ["no"] + ["yes"] * 9, "is there a", "yes/no"),  # first != most common
         ]):
             qid = iid * 1000 + j
             questions.append({"image_id": iid, "question": q, "question_id": qid})
             annotations.append({
-                "question_type": qtype, "multiple_choice_answer": answers[0],
+                "question_type": qtype, "multiple_choice_answer": max(set(answers), key=answers.count),
                 "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": n + 1}
                             for n, a in enumerate(answers)],
                 "image_id": iid, "answer_type": atype, "question_id": qid})
@@ -209,6 +212,17 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+def prepare_data(args: list[str]) -> tuple[int, str]:
+    """``scripts/prepare_data.py`` in this process (its exit status and stdout): no second interpreter start."""
+    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "scripts" / "prepare_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = module.main(args)
+    return code, out.getvalue()
+
+
 def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -216,16 +230,16 @@ def run_script(args: list[str], cwd: Path = ROOT, timeout: int = 600) -> subproc
 
 
 @pytest.fixture(scope="module")
-def prepared(data_root) -> subprocess.CompletedProcess:
+def prepared(data_root) -> tuple[int, str]:
     """``scripts/prepare_data.py`` once on the complete copies: manifests of 4 samples, ImageNet's val/."""
-    return run_script(["scripts/prepare_data.py", str(data_root), "n_samples=4"])
+    return prepare_data([str(data_root), "n_samples=4"])
 
 
 def test_prepare_data_converts_and_writes_manifests(data_root, prepared):
-    proc = prepared
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    code, stdout = prepared
+    assert code == 0, stdout
     for name in BUILDERS:
-        assert f"{name}: ok" in proc.stdout
+        assert f"{name}: ok" in stdout
     # ImageNet: the flat folder became val/<wnid>/ with the CSV's labels (rows were in reverse order)
     val = data_root / "imagenet" / "val"
     assert sorted(p.name for p in val.iterdir()) == sorted(w for w, _, _ in IMAGENET_CLASSES)
@@ -236,7 +250,7 @@ def test_prepare_data_converts_and_writes_manifests(data_root, prepared):
     assert set(m["ids"]) <= {"391895", "522418", "184613", "318219", "554625"}
     cal = json.loads((data_root / "caltech101" / "manifests" / "classification_n4_seed42.json").read_text())
     assert cal["pool"].startswith("all 8 images")
-    assert "2 train demonstrations" in proc.stdout  # vqav2: 1 train image x 2 questions
+    assert "2 train demonstrations" in stdout  # vqav2: 1 train image x 2 questions
 
 
 def run_datasets(data_root: Path, out: Path, names: tuple[str, ...], vlm: str) -> dict[str, dict]:
@@ -250,7 +264,7 @@ def run_datasets(data_root: Path, out: Path, names: tuple[str, ...], vlm: str) -
 
 
 def test_run_py_on_every_layout(data_root, prepared, tmp_path):
-    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    assert prepared[0] == 0, prepared[1]
     gen = run_datasets(data_root, tmp_path / "gen", CAPTION_VQA_SETS, VLM_FOR["generative"])
     for name in ("coco", "flickr30k"):
         assert gen[name]["metrics"]["captioning"]["cider"]["clean"] >= 0
@@ -273,14 +287,13 @@ def test_prepare_data_lists_exactly_what_is_missing(tmp_path):
     build_caltech101(root / "caltech101")
     (root / "coco" / "val2014").mkdir(parents=True)  # an empty image folder counts as missing
     _dump(root / "coco" / "dataset_coco.json", {"images": [], "dataset": "coco"})
-    proc = run_script(["scripts/prepare_data.py", str(root), "--datasets", "coco", "vqav2", "caltech101",
-                       "imagenet", "n_samples=4"])
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    missing = sorted(line.strip() for line in proc.stdout.splitlines() if line.strip().startswith("- missing"))
+    code, stdout = prepare_data([str(root), "--datasets", "coco", "vqav2", "caltech101", "imagenet", "n_samples=4"])
+    assert code == 1, stdout
+    missing = sorted(line.strip() for line in stdout.splitlines() if line.strip().startswith("- missing"))
     assert [m.split(" (")[0] for m in missing] == [
         "- missing annotations/captions_val2014.json", "- missing v2_OpenEnded_mscoco_train2014_questions.json",
         "- missing v2_mscoco_train2014_annotations.json", "- missing val/", "- missing val2014/"]
     assert all("http" in m for m in missing)
-    assert "caltech101: ok" in proc.stdout and "vqav2: INCOMPLETE" in proc.stdout
+    assert "caltech101: ok" in stdout and "vqav2: INCOMPLETE" in stdout
     # what is complete still gets its manifest
     assert (root / "vqav2" / "manifests" / "vqa_n4_seed42.json").is_file()
