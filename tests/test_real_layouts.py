@@ -287,7 +287,11 @@ def test_prepare_data_lists_exactly_what_is_missing(tmp_path):
     build_caltech101(root / "caltech101")
     (root / "coco" / "val2014").mkdir(parents=True)  # an empty image folder counts as missing
     _dump(root / "coco" / "dataset_coco.json", {"images": [], "dataset": "coco"})
-    code, stdout = prepare_data([str(root), "--datasets", "coco", "vqav2", "caltech101", "imagenet", "n_samples=4"])
+    build_textvqa(root / "textvqa")
+    val = root / "textvqa" / "TextVQA_0.5.1_val.json"
+    val.write_text(val.read_text()[:200])  # truncated download
+    code, stdout = prepare_data([str(root), "--datasets", "coco", "vqav2", "caltech101", "imagenet", "textvqa",
+                                 "n_samples=4"])
     assert code == 1, stdout
     missing = sorted(line.strip() for line in stdout.splitlines() if line.strip().startswith("- missing"))
     assert [m.split(" (")[0] for m in missing] == [
@@ -295,5 +299,7 @@ def test_prepare_data_lists_exactly_what_is_missing(tmp_path):
         "- missing v2_mscoco_train2014_annotations.json", "- missing val/", "- missing val2014/"]
     assert all("http" in m for m in missing)
     assert "caltech101: ok" in stdout and "vqav2: INCOMPLETE" in stdout
+    errors = [line for line in stdout.splitlines() if line.startswith("textvqa:")]
+    assert len(errors) == 1 and "ERROR" in errors[0] and "TextVQA_0.5.1_val.json is not valid JSON" in errors[0]
     # what is complete still gets its manifest
     assert (root / "vqav2" / "manifests" / "vqa_n4_seed42.json").is_file()
