@@ -224,101 +224,8 @@ def test_loaders_read_the_shapes_world(tmp_path):
 # ------------------------------------------------------------------ shipped class lists, real layouts
 
 
-def test_shipped_class_lists_are_complete_and_aligned():
-    from evaluators.datasets import labels
-
-    wnids = labels.class_folders("imagenet1k")
-    assert len(wnids) == 1000 and wnids == sorted(wnids) and len(set(wnids)) == 1000
-    names = labels.classnames("imagenet1k")
-    assert len(names) == 1000 and names[0] == "tench" and names[wnids.index("n02119789")] == "kit fox"
-    temps = labels.templates("imagenet1k")
-    assert len(temps) == 80 and len(set(temps)) == 80 and all(t.count("{}") == 1 for t in temps)
-    assert temps[0].format("dog") == "a bad photo of a dog."
-    folders = labels.class_folders("caltech101")
-    assert len(folders) == 102 and folders == sorted(folders) and folders[0] == "BACKGROUND_Google"
-    cal = labels.classnames("caltech101")
-    assert len(cal) == 102 and cal[0] == "background" and cal[folders.index("Faces_easy")] == "centered face"
-    assert cal[folders.index("yin_yang")] == "yin and yang symbol"
-    assert len(labels.templates("caltech101")) == 34
-    # the JSON files are kept as published: {c} placeholders, MIT licence beside them
-    raw = json.loads(labels.TEMPLATES_FILE.read_text())
-    assert raw["caltech101"][0] == "a photo of a {c}."
-    assert "MIT License" in (labels.DATA_DIR / "LICENSE_CLIP_benchmark.txt").read_text()
-
-
-def test_imagenet_labels_follow_the_sorted_wnids_of_a_partial_copy(tmp_path):
-    from evaluators.datasets import labels
-
-    root = tmp_path / "val"
-    for wnid in ("n15075141", "n02119789"):
-        _img(root / wnid / f"ILSVRC2012_val_{len(wnid):08d}.JPEG")
-    src = ImageFolderClasses(root, class_folders=labels.class_folders("imagenet1k"),
-                             classnames=labels.classnames("imagenet1k"), templates=labels.templates("imagenet1k"))
-    assert [src.get(i)["label"] for i in src.ids] == [278, 999]
-    assert len(src.classnames) == 1000 and src.classnames[999] == "toilet paper" and len(src.templates) == 80
-    _img(root / "n99999999" / "x.JPEG")
-    with pytest.raises(DataError, match="n99999999 is not one of the 1000 class folders"):
-        ImageFolderClasses(root, class_folders=labels.class_folders("imagenet1k"))
-
-
-def test_caltech101_keeps_the_background_class_and_split_file(tmp_path):
-    from evaluators.datasets import labels
-    from tests.test_real_layouts import build_caltech101
-
-    build_caltech101(tmp_path)
-    root = tmp_path / "101_ObjectCategories"
-    kw = dict(class_folders=labels.class_folders("caltech101"), classnames=labels.classnames("caltech101"))
-    src = ImageFolderClasses(root, **kw)
-    assert src.get("BACKGROUND_Google/image_0001")["label"] == 0
-    assert src.get("yin_yang/image_0002")["label"] == 101
-    assert src.classnames[src.get("Faces_easy/image_0001")["label"]] == "centered face"
-    assert src.pool.startswith("all 8 images")
-    split = tmp_path / "test_split.txt"
-    split.write_text("yin_yang/image_0002.jpg\naccordion/image_0001.jpg\n")
-    sub = ImageFolderClasses(root, **kw, split_file=split)
-    assert sub.ids == ["accordion/image_0001", "yin_yang/image_0002"] and "test_split.txt" in sub.pool
-    split.write_text("accordion/image_0009.jpg\n")
-    with pytest.raises(DataError, match="test_split.txt lists 1 images that are not under"):
-        ImageFolderClasses(root, **kw, split_file=split)
-
-
-@pytest.mark.parametrize("ground_truth", ["csv", "devkit"])
-def test_imagenet_flat_val_conversion(tmp_path, ground_truth):
-    from evaluators.datasets.imagenet_val import convert_flat_val
-    from tests.test_real_layouts import build_imagenet_flat
-
-    expected = build_imagenet_flat(tmp_path, ground_truth)
-    flat = [d for d in ("ILSVRC2012_img_val", "ILSVRC/Data/CLS-LOC/val") if (tmp_path / d).is_dir()]
-    assert convert_flat_val(tmp_path, flat_dirs=flat)["status"] == "converted"
-    got = {p.stem: p.parent.name for p in (tmp_path / "val").glob("*/*.JPEG")}
-    assert got == expected
-    assert not (tmp_path / "val.partial").exists()
-    assert convert_flat_val(tmp_path, flat_dirs=flat)["status"] == "present"  # never redone or overwritten
-
-
-def test_imagenet_conversion_errors_name_the_file(tmp_path):
-    from evaluators.datasets.imagenet_val import convert_flat_val
-    from tests.test_real_layouts import build_imagenet_flat
-
-    build_imagenet_flat(tmp_path, "csv")
-    csv_file = tmp_path / "LOC_val_solution.csv"
-    lines = csv_file.read_text().splitlines()
-    csv_file.write_text("\n".join(lines[:-1]) + "\n")  # truncated: one image has no row
-    with pytest.raises(DataError, match=r"LOC_val_solution.csv has no label for ILSVRC2012_val_0000000\d.JPEG"):
-        convert_flat_val(tmp_path)
-    csv_file.write_text("\n".join([lines[0], *(line.replace("n01440764", "n00000001") for line in lines[1:])]))
-    with pytest.raises(DataError, match="'n00000001'.*not one of the 1000"):
-        convert_flat_val(tmp_path)
-    csv_file.write_text("ImageId,Labels\n")
-    with pytest.raises(DataError, match="PredictionString"):
-        convert_flat_val(tmp_path)
-    assert not (tmp_path / "val").exists()
-    csv_file.unlink()
-    assert convert_flat_val(tmp_path)["status"] == "missing"
-
-
 def test_demonstrations_come_from_the_train_files(tmp_path):
-    from tests.test_real_layouts import build_coco, build_textvqa, build_vqav2
+    from tests.real_layouts import build_coco, build_textvqa, build_vqav2
 
     build_coco(tmp_path / "coco")
     caps = KarpathyCaptions(tmp_path / "coco" / "dataset_coco.json", None, tmp_path / "coco")
@@ -368,7 +275,7 @@ def test_shapes_world_has_demonstrations(tmp_path):
     (lambda t: t.replace('"answers": [', '"answers": 7, "x": ['), r"question 34602 has no 'answers' list"),
 ])
 def test_malformed_annotation_files_give_one_line(tmp_path, corrupt, message):
-    from tests.test_real_layouts import build_textvqa
+    from tests.real_layouts import build_textvqa
 
     build_textvqa(tmp_path)
     qfile = tmp_path / "TextVQA_0.5.1_val.json"
@@ -379,7 +286,7 @@ def test_malformed_annotation_files_give_one_line(tmp_path, corrupt, message):
 
 
 def test_malformed_vqav2_and_coco_fields(tmp_path):
-    from tests.test_real_layouts import build_coco, build_vqav2
+    from tests.real_layouts import build_coco, build_vqav2
 
     build_vqav2(tmp_path / "v", train=False)
     v = tmp_path / "v"

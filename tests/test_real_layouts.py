@@ -1,10 +1,8 @@
-"""The six real data sets as distributed, in tiny copies that follow the official files field for field.
+"""The six real data sets as distributed, through the real entry points.
 
-Each builder writes the official file names, folder layout and JSON schemas (Karpathy split files, COCO
-captions, VQAv2 questions/annotations, TextVQA 0.5.1, Caltech101's 101_ObjectCategories, ImageNet's flat val
-folder with Kaggle's LOC_val_solution.csv or the ILSVRC2012 devkit) with a few generated images, and no
-class-name file. ``python run.py`` runs on each with the embedded models; ``scripts/prepare_data.py`` lists
-what a partly filled root misses.
+The tiny copies (tests/real_layouts.py) follow the official files field for field and hold no class-name
+file. ``python run.py`` runs on each with the embedded models, ``scripts/prepare_data.py`` converts ImageNet's
+flat val folder and writes the manifests the runs then use, and lists what a partly filled root misses.
 """
 
 from __future__ import annotations
@@ -18,190 +16,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from evaluators.datasets import labels
+from evaluators.datasets.base import DataError
+from evaluators.datasets.imagefolder import ImageFolderClasses
+from evaluators.datasets.imagenet_val import convert_flat_val
+from tests.real_layouts import (
+    BUILDERS,
+    IMAGENET_CLASSES,
+    _dump,
+    _img,
+    build_caltech101,
+    build_imagenet_flat,
+    build_textvqa,
+    build_vqav2,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the embedded models used per task kind (the only place the test names a vlm config)
 VLM_FOR = {"generative": "tiny", "zero_shot": "tiny_clip"}
 CAPTION_VQA_SETS = ("coco", "flickr30k", "vqav2", "textvqa")
 CLASSIFICATION_SETS = ("caltech101", "imagenet")
-# ImageNet: (wnid, index in the sorted list, CLIP_benchmark name)
-IMAGENET_CLASSES = [("n01440764", 0, "tench"), ("n02119789", 278, "kit fox"), ("n15075141", 999, "toilet paper")]
-
-
-def _img(path: Path, seed: int, size: tuple[int, int] = (40, 30)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path, format="JPEG")
-
-
-def _dump(path: Path, obj) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj))
-    return path
-
-
-def _sentences(imgid: int, first_sentid: int, raws: list[str]) -> list[dict]:
-    return [{"tokens": r.lower().rstrip(".").split(), "raw": r, "imgid": imgid, "sentid": first_sentid + j}
-            for j, r in enumerate(raws)]
-
-
-def _coco_captions_file(ids_files: list[tuple[int, str]], captions: dict[int, list[str]]) -> dict:
-    """``captions_val2014.json`` as distributed: info, images, licenses, annotations."""
-    return {
-        "info": {"description": "COCO 2014 Dataset", "url": "http://cocodataset.org", "version": "1.0",
-                 "year": 2014, "contributor": "COCO Consortium", "date_created": "2017/09/01"},
-        "images": [{"license": 3, "file_name": f, "coco_url": f"http://images.cocodataset.org/val2014/{f}",
-                    "height": 30, "width": 40, "date_captured": "2013-11-14 11:18:45",
-                    "flickr_url": "http://farm4.staticflickr.com/x.jpg", "id": i} for i, f in ids_files],
-        "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1,
-                      "name": "Attribution-NonCommercial-ShareAlike License"}],
-        "annotations": [{"image_id": i, "id": 1000 * i + j, "caption": c}
-                        for i, caps in captions.items() for j, c in enumerate(caps)],
-    }
-
-
-def build_coco(root: Path) -> None:
-    test_ids = [391895, 522418, 184613, 318219, 554625]
-    images, files, refs = [], [], {}
-    for k, cid in enumerate(test_ids):
-        name = f"COCO_val2014_{cid:012d}.jpg"
-        _img(root / "val2014" / name, cid)
-        raws = [f"a red shape number {k}.", f"a picture of shape {k}.", "a shape on a background.",
-                "some colours.", "an image."]
-        images.append({"filepath": "val2014", "sentids": list(range(5 * k, 5 * k + 5)), "filename": name,
-                       "imgid": k, "split": "test", "sentences": _sentences(k, 5 * k, raws), "cocoid": cid})
-        files.append((cid, name))
-        refs[cid] = raws
-    for k, (cid, split, folder) in enumerate([(9, "train", "train2014"), (25, "restval", "val2014")], 5):
-        name = f"COCO_{folder}_{cid:012d}.jpg"
-        images.append({"filepath": folder, "sentids": [100 + k], "filename": name, "imgid": k, "split": split,
-                       "sentences": _sentences(k, 100 + k, [f"a {split} caption."]), "cocoid": cid})
-    _dump(root / "dataset_coco.json", {"images": images, "dataset": "coco"})
-    _dump(root / "annotations" / "captions_val2014.json", _coco_captions_file(files, refs))
-
-
-def build_flickr30k(root: Path) -> None:
-    photos = [1000092795, 10002456, 1000268201, 1000344755, 1000366164]
-    images, files, refs = [], [], {}
-    for k, pid in enumerate(photos):
-        _img(root / "flickr30k-images" / f"{pid}.jpg", pid)
-        raws = [f"Two shapes {k} on a wall .", "A picture .", "Colours everywhere .", "An image .", "Shapes ."]
-        images.append({"sentids": list(range(5 * k, 5 * k + 5)), "imgid": k, "sentences": _sentences(k, 5 * k, raws),
-                       "split": "test", "filename": f"{pid}.jpg"})
-        files.append((pid, f"{pid}.jpg"))
-        refs[pid] = raws
-    images.append({"sentids": [99], "imgid": 5, "sentences": _sentences(5, 99, ["A train sentence ."]),
-                   "split": "train", "filename": "1001465944.jpg"})
-    _dump(root / "dataset_flickr30k.json", {"images": images, "dataset": "flickr30k"})
-    _dump(root / "dataset_flickr30k_coco_style.json", _coco_captions_file(files, refs))
-
-
-def _vqa_pair(split: str, image_ids: list[int]) -> tuple[dict, dict]:
-    """VQAv2's questions and annotations files of ``split`` (e.g. ``val2014``)."""
-    info = {"description": "This is v2.0 of the VQA dataset.", "url": "http://visualqa.org", "version": "2.0",
-            "year": 2017, "contributor": "VQA Team", "date_created": "2017-04-26 17:07:13"}
-    lic = {"url": "http://creativecommons.org/licenses/by/4.0/", "name": "Creative Commons Attribution 4.0"}
-    questions, annotations = [], []
-    for iid in image_ids:
-        for j, (q, answers, qtype, atype) in enumerate([
-            ("What color is the shape?", ["red"] * 7 + ["Red", "orange", "red "], "what color is the", "other"),
-            ("Is there a shape?", ["no"] + ["yes"] * 9, "is there a", "yes/no"),  # first != most common
-        ]):
-            qid = iid * 1000 + j
-            questions.append({"image_id": iid, "question": q, "question_id": qid})
-            annotations.append({
-                "question_type": qtype, "multiple_choice_answer": max(set(answers), key=answers.count),
-                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": n + 1}
-                            for n, a in enumerate(answers)],
-                "image_id": iid, "answer_type": atype, "question_id": qid})
-    qfile = {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": lic,
-             "data_subtype": split, "questions": questions}
-    afile = {"info": info, "license": lic, "data_subtype": split, "annotations": annotations,
-             "data_type": "mscoco"}
-    return qfile, afile
-
-
-def build_vqav2(root: Path, train: bool = True) -> None:
-    ids = [262148, 393225, 524291]
-    for iid in ids:
-        _img(root / "val2014" / f"COCO_val2014_{iid:012d}.jpg", iid)
-    q, a = _vqa_pair("val2014", ids)
-    _dump(root / "v2_OpenEnded_mscoco_val2014_questions.json", q)
-    _dump(root / "v2_mscoco_val2014_annotations.json", a)
-    if train:
-        q, a = _vqa_pair("train2014", [458752])
-        _dump(root / "v2_OpenEnded_mscoco_train2014_questions.json", q)
-        _dump(root / "v2_mscoco_train2014_annotations.json", a)
-
-
-def _textvqa(set_name: str, image_ids: list[str], first_qid: int) -> dict:
-    data = []
-    for k, iid in enumerate(image_ids):
-        data.append({
-            "question": "what is written on the sign?", "image_id": iid, "image_classes": ["Street sign"],
-            "flickr_original_url": f"https://farm2.staticflickr.com/{iid}_o.jpg",
-            "flickr_300k_url": f"https://c4.staticflickr.com/{iid}_z.jpg", "image_width": 40, "image_height": 30,
-            "answers": ["stop"] * 6 + ["stop sign", "STOP", "stop", "halt"],
-            "question_tokens": ["what", "is", "written", "on", "the", "sign"],
-            "question_id": first_qid + k, "set_name": set_name})
-    return {"dataset_type": set_name, "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": data}
-
-
-def build_textvqa(root: Path) -> None:
-    ids = ["003a8ae2ef43b901", "0054c91397f2fe05", "005635e119b9f32f", "00685bc495504d61"]
-    for k, iid in enumerate(ids):
-        _img(root / "train_images" / f"{iid}.jpg", k)
-    _dump(root / "TextVQA_0.5.1_val.json", _textvqa("val", ids, 34602))
-    _dump(root / "TextVQA_0.5.1_train.json", _textvqa("train", ["0000599864fd15b3"], 0))
-
-
-def build_caltech101(root: Path) -> None:
-    for k, folder in enumerate(["BACKGROUND_Google", "Faces_easy", "accordion", "yin_yang"]):
-        for n in (1, 2):
-            _img(root / "101_ObjectCategories" / folder / f"image_{n:04d}.jpg", 10 * k + n)
-
-
-def build_imagenet_flat(root: Path, ground_truth: str = "csv") -> dict[str, str]:
-    """The flat val folder with Kaggle's LOC_val_solution.csv (``csv``) or the ILSVRC2012 devkit (``devkit``)."""
-    flat = root / ("ILSVRC/Data/CLS-LOC/val" if ground_truth == "csv" else "ILSVRC2012_img_val")
-    labels = {}
-    for n in range(1, 7):
-        stem = f"ILSVRC2012_val_{n:08d}"
-        _img(flat / f"{stem}.JPEG", n)
-        labels[stem] = IMAGENET_CLASSES[n % 3][0]
-    if ground_truth == "csv":
-        rows = [f"{stem},{wnid} 10 12 30 28 {wnid} 1 2 5 6 " for stem, wnid in labels.items()]
-        (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows[::-1]) + "\n")
-    else:
-        write_devkit(root / "ILSVRC2012_devkit_t12", labels)
-    return labels
-
-
-def write_devkit(devkit: Path, labels: dict[str, str]) -> None:
-    """``data/meta.mat`` (synsets: ILSVRC2012_ID, WNID, words, gloss, num_children, ...; ids NOT in sorted-wnid
-    order, plus a non-leaf synset) and ``data/ILSVRC2012_validation_ground_truth.txt``."""
-    import scipy.io
-
-    synsets = [(1, "n02119789", "kit fox, Vulpes macrotis", 0), (2, "n15075141", "toilet tissue", 0),
-               (3, "n01440764", "tench, Tinca tinca", 0), (1001, "n00001740", "entity", 5)]
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
-    arr = np.zeros((len(synsets), 1), dtype=[(f, object) for f in fields])
-    for i, (sid, wnid, words, children) in enumerate(synsets):
-        arr[i, 0] = (np.array([[sid]]), np.array([wnid]), np.array([words]), np.array(["gloss"]),
-                     np.array([[children]]), np.zeros((1, 0)), np.array([[0]]), np.array([[1300]]))
-    (devkit / "data").mkdir(parents=True, exist_ok=True)
-    scipy.io.savemat(str(devkit / "data" / "meta.mat"), {"synsets": arr})
-    id_of = {wnid: sid for sid, wnid, _, _ in synsets}
-    lines = [str(id_of[labels[stem]]) for stem in sorted(labels)]
-    (devkit / "data" / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(lines) + "\n")
-
-
-BUILDERS = {"coco": build_coco, "flickr30k": build_flickr30k, "vqav2": build_vqav2, "textvqa": build_textvqa,
-            "caltech101": build_caltech101, "imagenet": build_imagenet_flat}
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +139,87 @@ def test_prepare_data_lists_exactly_what_is_missing(tmp_path):
     assert len(errors) == 1 and "ERROR" in errors[0] and "TextVQA_0.5.1_val.json is not valid JSON" in errors[0]
     # what is complete still gets its manifest
     assert (root / "vqav2" / "manifests" / "vqa_n4_seed42.json").is_file()
+
+
+# ------------------------------------------------------------------ class lists and the ImageNet conversion
+
+
+def test_shipped_class_lists_are_complete_and_aligned():
+    wnids = labels.class_folders("imagenet1k")
+    assert len(wnids) == 1000 and wnids == sorted(wnids) and len(set(wnids)) == 1000
+    names = labels.classnames("imagenet1k")
+    assert len(names) == 1000 and names[0] == "tench" and names[wnids.index("n02119789")] == "kit fox"
+    temps = labels.templates("imagenet1k")
+    assert len(temps) == 80 and len(set(temps)) == 80 and all(t.count("{}") == 1 for t in temps)
+    assert temps[0].format("dog") == "a bad photo of a dog."
+    folders = labels.class_folders("caltech101")
+    assert len(folders) == 102 and folders == sorted(folders) and folders[0] == "BACKGROUND_Google"
+    cal = labels.classnames("caltech101")
+    assert len(cal) == 102 and cal[0] == "background" and cal[folders.index("Faces_easy")] == "centered face"
+    assert cal[folders.index("yin_yang")] == "yin and yang symbol"
+    assert len(labels.templates("caltech101")) == 34
+    # the JSON files are kept as published: {c} placeholders, MIT licence beside them
+    raw = json.loads(labels.TEMPLATES_FILE.read_text())
+    assert raw["caltech101"][0] == "a photo of a {c}."
+    assert "MIT License" in (labels.DATA_DIR / "LICENSE_CLIP_benchmark.txt").read_text()
+
+
+def test_imagenet_labels_follow_the_sorted_wnids_of_a_partial_copy(tmp_path):
+    root = tmp_path / "val"
+    for wnid in ("n15075141", "n02119789"):
+        _img(root / wnid / f"ILSVRC2012_val_{len(wnid):08d}.JPEG", 0)
+    src = ImageFolderClasses(root, class_folders=labels.class_folders("imagenet1k"),
+                             classnames=labels.classnames("imagenet1k"), templates=labels.templates("imagenet1k"))
+    assert [src.get(i)["label"] for i in src.ids] == [278, 999]
+    assert len(src.classnames) == 1000 and src.classnames[999] == "toilet paper" and len(src.templates) == 80
+    _img(root / "n99999999" / "x.JPEG", 1)
+    with pytest.raises(DataError, match="n99999999 is not one of the 1000 class folders"):
+        ImageFolderClasses(root, class_folders=labels.class_folders("imagenet1k"))
+
+
+def test_caltech101_keeps_the_background_class_and_split_file(tmp_path):
+    from evaluators.datasets import labels
+    build_caltech101(tmp_path)
+    root = tmp_path / "101_ObjectCategories"
+    kw = dict(class_folders=labels.class_folders("caltech101"), classnames=labels.classnames("caltech101"))
+    src = ImageFolderClasses(root, **kw)
+    assert src.get("BACKGROUND_Google/image_0001")["label"] == 0
+    assert src.get("yin_yang/image_0002")["label"] == 101
+    assert src.classnames[src.get("Faces_easy/image_0001")["label"]] == "centered face"
+    assert src.pool.startswith("all 8 images")
+    split = tmp_path / "test_split.txt"
+    split.write_text("yin_yang/image_0002.jpg\naccordion/image_0001.jpg\n")
+    sub = ImageFolderClasses(root, **kw, split_file=split)
+    assert sub.ids == ["accordion/image_0001", "yin_yang/image_0002"] and "test_split.txt" in sub.pool
+    split.write_text("accordion/image_0009.jpg\n")
+    with pytest.raises(DataError, match="test_split.txt lists 1 images that are not under"):
+        ImageFolderClasses(root, **kw, split_file=split)
+
+
+@pytest.mark.parametrize("ground_truth", ["csv", "devkit"])
+def test_imagenet_flat_val_conversion(tmp_path, ground_truth):
+    expected = build_imagenet_flat(tmp_path, ground_truth)
+    flat = [d for d in ("ILSVRC2012_img_val", "ILSVRC/Data/CLS-LOC/val") if (tmp_path / d).is_dir()]
+    assert convert_flat_val(tmp_path, flat_dirs=flat)["status"] == "converted"
+    got = {p.stem: p.parent.name for p in (tmp_path / "val").glob("*/*.JPEG")}
+    assert got == expected
+    assert not (tmp_path / "val.partial").exists()
+    assert convert_flat_val(tmp_path, flat_dirs=flat)["status"] == "present"  # never redone or overwritten
+
+
+def test_imagenet_conversion_errors_name_the_file(tmp_path):
+    build_imagenet_flat(tmp_path, "csv")
+    csv_file = tmp_path / "LOC_val_solution.csv"
+    lines = csv_file.read_text().splitlines()
+    csv_file.write_text("\n".join(lines[:-1]) + "\n")  # truncated: one image has no row
+    with pytest.raises(DataError, match=r"LOC_val_solution.csv has no label for ILSVRC2012_val_0000000\d.JPEG"):
+        convert_flat_val(tmp_path)
+    csv_file.write_text("\n".join([lines[0], *(line.replace("n01440764", "n00000001") for line in lines[1:])]))
+    with pytest.raises(DataError, match="'n00000001'.*not one of the 1000"):
+        convert_flat_val(tmp_path)
+    csv_file.write_text("ImageId,Labels\n")
+    with pytest.raises(DataError, match="PredictionString"):
+        convert_flat_val(tmp_path)
+    assert not (tmp_path / "val").exists()
+    csv_file.unlink()
+    assert convert_flat_val(tmp_path)["status"] == "missing"
