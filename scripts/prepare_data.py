@@ -74,6 +74,8 @@ def prepare(cfg: DictConfig) -> list[str]:
         if check_demos:
             notes.append(f"{task}: {len(source.demonstrations())} train demonstrations")
         n = None if cfg.n_samples is None else int(cfg.n_samples)
+        if cfg.dataset.get("manifests") is None:
+            raise DataError(f"dataset={name} has no 'manifests' folder in its config; nothing to prepare")
         path = manifests.write_prepared(cfg.dataset.manifests, source, task, n, int(cfg.seed.subset))
         record = manifests.draw(source, task, n, int(cfg.seed.subset))
         lost = [i for i in record["ids"] if not Path(source.get(i)["image_path"]).is_file()]
