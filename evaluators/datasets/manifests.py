@@ -56,8 +56,9 @@ def check(path: Path, record: dict[str, Any]) -> None:
         raise DataError(f"prepared manifest {path} is unreadable or lacks the field 'ids' ({e!r}); "
                         "delete it and run scripts/prepare_data.py again") from e
     if ids != record["ids"]:
+        n = "null" if record["n_samples"] is None else record["n_samples"]
         raise DataError(f"prepared manifest {path} lists other {record['task']} samples than the data set gives "
-                        f"for n_samples={record['n_samples']}, seed={record['seed']} (the annotation files or "
+                        f"for n_samples={n}, seed={record['seed']} (the annotation files or "
                         "image folders changed); restore the data or delete the manifest and prepare again")
 
 
