@@ -27,8 +27,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from evaluators.config import compose_config  # noqa: E402
 from evaluators.datasets import manifests  # noqa: E402
-from evaluators.datasets.base import DataError  # noqa: E402
-from evaluators.user_errors import user_error  # noqa: E402
+from evaluators.errors import DataError, cli, one_line, user_error  # noqa: E402
 
 REAL_DATASETS = ("coco", "flickr30k", "vqav2", "textvqa", "caltech101", "imagenet")
 
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             cause = user_error(e)
             if cause is None and not isinstance(e, (DataError, ValueError, KeyError)):
                 raise
-            lines = [f"{name}: ERROR: {cause or e}"]
+            lines = [f"{name}: ERROR: {one_line(cause or e)}"]
         failed |= not lines[0].split(": ", 1)[1].startswith("ok")
         print("\n  ".join(lines))
     if failed:
@@ -128,4 +127,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli(lambda: sys.exit(main()))
