@@ -57,9 +57,8 @@ def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tens
 class ClassificationTask(Task):
     """Caltech101 / ImageNet zero-shot classification; headline metric: top-1 x100.
 
-    ``templates``: the data set's prompt templates (e.g. "a photo of a {}."; config
-    ``dataset.tasks.classification.templates``, from ``configs/prompts/templates``): each class embedding is
-    the mean over them (``vlm.zero_shot_logits``).
+    ``templates``: the data set's prompt templates (e.g. "a photo of a {}."); None takes the source's
+    ``templates``. Each class embedding is the normalised mean over them (``vlm.zero_shot_logits``).
     """
 
     name = "classification"
@@ -70,9 +69,11 @@ class ClassificationTask(Task):
         super().__init__(source)
         if source is not None and not source.classnames:
             raise ValueError(f"{type(source).__name__} has no classnames; classification needs them")
+        if templates is None and source is not None:
+            templates = getattr(source, "templates", None)  # the data set's own templates travel with its source
         if source is not None and not templates:
-            raise ConfigError("dataset.tasks.classification.templates is empty; zero-shot classification needs "
-                              "prompt templates such as 'a photo of a {}.'")
+            raise ConfigError("dataset.tasks.classification has no templates (neither on the task nor on its "
+                              "source); zero-shot classification needs prompt templates such as 'a photo of a {}.'")
         self.classnames: list[str] = list(source.classnames) if source is not None else []
         self.templates = list(templates) if templates is not None else None
 
