@@ -3,6 +3,10 @@ user's path (``from_pretrained(folder)``): prompts, pixels, normalisation, loss,
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +25,8 @@ from evaluators.vlms.llava import LlavaVLM
 from evaluators.vlms.pixels import pad_to_square
 from tests.tiny_checkpoints import make_tiny_llava
 
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_WORLD = ["dataset.prepare.n_train=8", "dataset.prepare.n_test=48"]
 CAPTION = "Provide a short caption for this image."
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -233,3 +239,50 @@ def test_bad_checkpoints_fail_fast_with_one_line(folder, tmp_path):
     fails(partial, "model_type 'llava_llama'")
     with pytest.raises(ConfigError, match="vlm.resolution=336"):
         LlavaVLM.from_pretrained(folder, dtype="float32", resolution=336)
+
+
+# ------------------------------------------------------------------------------------- through run.py
+
+
+@pytest.fixture(scope="module")
+def shapes_env(tmp_path_factory) -> dict[str, str]:
+    from evaluators.datasets.shapes import generate_shapes
+
+    d = tmp_path_factory.mktemp("data")
+    generate_shapes(d / "shapes", n_train=8, n_test=48, size=64, seed=0)
+    return dict(os.environ, DIFFCAP_DATA=str(d), DIFFCAP_CACHE=str(d / "cache"), HF_HUB_OFFLINE="1",
+                WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+
+
+def run_py(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "run.py", *args, *SMALL_WORLD], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_run_py_end_to_end_with_apgd_and_diffcap(folder, shapes_env, tmp_path):
+    out = tmp_path / "run"
+    proc = run_py(["vlm=llava", f"vlm.path={folder}", "vlm.resolution=56", "vlm.dtype=float32", "dataset=shapes",
+                   "attack=apgd", "attack.steps=2", "defense=diffcap", "defense.t_max=0.02", "defense.eval_draws=1",
+                   "n_samples=2", "batch_size=2", f"hydra.run.dir={out}"], shapes_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in recs} == {"captioning", "vqa"} and len(recs) == 4
+    for r in recs:
+        assert r["status"] == "ok" and r["attack"]["invariants_ok"]
+        assert set(r["predictions"]) == {"clean", "clean_defended", "adv", "adv_defended"}
+        if r["task"] == "captioning":
+            assert r["inputs"]["prompt"] == f"USER: <image>\n{CAPTION} ASSISTANT:"
+        else:
+            assert r["inputs"]["prompt"] == f"USER: <image>\n{r['inputs']['question']}{VQA_SUFFIX} ASSISTANT:"
+
+
+def test_run_py_missing_folder_is_one_line(shapes_env, tmp_path):
+    out = tmp_path / "run"
+    tic = time.perf_counter()
+    proc = run_py(["vlm=llava", f"vlm.path={tmp_path / 'absent'}", f"hydra.run.dir={out}"], shapes_env)
+    seconds = time.perf_counter() - tic
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+    assert errors[0].startswith(f"error: vlm.path={tmp_path / 'absent'}: no such folder")
+    assert not (out / "samples.jsonl").exists()
+    assert seconds < 60  # the check itself is instantaneous; the rest is interpreter, Hydra and Java start-up

@@ -48,6 +48,14 @@ class Turn:
     image: bool = True
 
 
+class _TasksOf:
+    """``VLM.tasks`` on the class or an instance: the tasks whose needs ``capabilities`` covers."""
+
+    def __get__(self, obj: object, owner: type) -> tuple[str, ...]:
+        caps = (owner if obj is None else obj).capabilities
+        return tuple(t for t, need in TASK_NEEDS.items() if need <= caps)
+
+
 class VLM(nn.Module, ABC):
     """Base class of the tiny models and the real VLMs (LLaVA, OpenFlamingo, CLIP)."""
 
@@ -58,10 +66,8 @@ class VLM(nn.Module, ABC):
     #: subset of CAPABILITIES
     capabilities: frozenset[str] = frozenset()
 
-    @property
-    def tasks(self) -> tuple[str, ...]:
-        """Task names whose needs (``TASK_NEEDS``) this model's capabilities cover."""
-        return tuple(t for t, need in TASK_NEEDS.items() if need <= self.capabilities)
+    #: task names whose needs (``TASK_NEEDS``) the capabilities cover; readable on the class (no weights loaded)
+    tasks = _TasksOf()
 
     def to_pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """PIL images -> (B, 3, R, R) floats in [0, 1] at the model's resolution, not normalised.
