@@ -80,3 +80,67 @@ def make_tiny_llava(folder: Path, image_size: int = 56, patch: int = 14, seed: i
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def clip_bpe_files(folder: Path) -> tuple[Path, Path]:
+    """CLIP's real BPE vocabulary (vocab.json, merges.txt as in openai/clip-vit-base-patch32), rebuilt from the
+    byte-pair file open_clip ships, so the transformers and open_clip tokenizers agree."""
+    import gzip
+    import json
+
+    import open_clip
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    merges = gzip.open(open_clip.tokenizer.default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder / "vocab.json", folder / "merges.txt"
+
+
+def make_tiny_clip_hf(folder: Path, image_size: int = 32, patch: int = 8, seed: int = 0) -> Path:
+    """A folder in the openai/clip-vit-base-patch32 layout: CLIPModel (tiny towers, CLIP's real 49408-token
+    vocabulary), CLIP's image processor (resize shortest side + centre crop) and tokenizer."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    vocab, merges = clip_bpe_files(folder)
+    tok = CLIPTokenizer(str(vocab), str(merges))
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=patch)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    ip = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                            do_center_crop=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+#: an open_clip model config of the ViT-B-32 family at toy size
+TINY_OPEN_CLIP = {"embed_dim": 16, "quick_gelu": True,
+                  "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+
+
+def make_tiny_open_clip(folder: Path, seed: int = 0) -> tuple[Path, Path]:
+    """(model-config JSON, state-dict file) of a tiny open_clip CLIP, as open_clip saves checkpoints."""
+    import json
+
+    import open_clip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = folder / "tiny-ViT-B-32.json"
+    cfg.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(cfg)
+    torch.manual_seed(seed)
+    model = open_clip.create_model("tiny-ViT-B-32", pretrained=None)
+    with torch.no_grad():  # a non-trivial learned scale, to show the zero-shot scale is the fixed 100
+        model.logit_scale.fill_(2.0)
+    weights = folder / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), weights)
+    return cfg, weights
