@@ -415,6 +415,7 @@ def test_demonstrations_are_text_only_seeded_per_sample_and_recorded(vqa_source)
             q, a = d.removeprefix("Question:").split(" Short answer:=")
             assert {"question": q, "answer": a} in _DemoSource.pool
         assert demos[0] != demos[1]
+    assert len({p.rsplit(" | ", 1)[0] for p in first}) > 1  # each sample draws its own demonstrations
     assert task.inputs(batch[0])["prompt"] == first[0]
 
 
