@@ -213,6 +213,23 @@ def test_trust_remote_code_is_off_unless_asked(folder, monkeypatch):
     assert cfg.vlm.trust_remote_code is False and cfg.vlm.model.trust_remote_code is False
 
 
+def test_a_hub_id_loads_from_the_local_cache_only(folder, tmp_path, monkeypatch):
+    """``vlm.path=org/name`` is the snapshot in the Hugging Face cache (its refs/main), with no network."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someone--tiny-llava-hf"
+    shutil.copytree(folder, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    vlm = LlavaVLM.from_pretrained("someone/tiny-llava-hf", dtype="float32")
+    assert vlm.resolution == 56
+    with pytest.raises(CheckpointError, match="not a model in the local Hugging Face cache"):
+        LlavaVLM.from_pretrained("someone/other-model")
+
+
 def test_bad_checkpoints_fail_fast_with_one_line(folder, tmp_path):
     def fails(path, match):
         tic = time.perf_counter()
