@@ -254,6 +254,14 @@ def test_bad_checkpoints_fail_fast_with_one_line(folder, tmp_path):
     (partial / "chat_template.jinja").write_bytes((folder / "chat_template.jinja").read_bytes())
     (partial / "config.json").write_text('{"model_type": "llava_llama"}')  # the original LLaVA repo's layout
     fails(partial, "model_type 'llava_llama'")
+    # the chat template kept in tokenizer_config.json only (older llava-hf revisions) still loads and frames
+    (partial / "config.json").write_bytes((folder / "config.json").read_bytes())
+    template = (partial / "chat_template.jinja").read_text()
+    (partial / "chat_template.jinja").unlink()
+    tok_cfg = json.loads((partial / "tokenizer_config.json").read_text())
+    (partial / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "chat_template": template}))
+    old = LlavaVLM.from_pretrained(partial, dtype="float32")
+    assert old.format_prompt([Turn(CAPTION)]) == f"USER: <image>\n{CAPTION} ASSISTANT:"
     with pytest.raises(ConfigError, match="vlm.resolution=336"):
         LlavaVLM.from_pretrained(folder, dtype="float32", resolution=336)
 

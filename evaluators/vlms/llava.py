@@ -181,7 +181,9 @@ class LlavaVLM(VLM):
             if t.assistant is not None:
                 conversation.append({"role": "assistant", "content": [{"type": "text", "text": t.assistant}]})
         open_turn = turns[-1].assistant is None
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=open_turn)
+        # older llava-hf revisions keep the template in tokenizer_config.json only
+        template = self.processor.chat_template or self.tokenizer.chat_template
+        return self.processor.apply_chat_template(conversation, chat_template=template, add_generation_prompt=open_turn)
 
     def _encode(self, text: str) -> list[int]:
         if text.count(self.image_token) != 1:
