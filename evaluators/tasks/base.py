@@ -17,7 +17,7 @@ from attacks.base import Objective
 from evaluators.datasets.base import SampleSource
 from evaluators.errors import ConfigError
 from evaluators.tasks.prompting import PromptTemplate, TaskPrompts
-from evaluators.vlms.base import VLM, Turn
+from evaluators.vlms.base import VLM, Turn, VLMAdapter
 
 
 class Task(ABC):
@@ -52,7 +52,7 @@ class Task(ABC):
         """Corpus-level metrics from predictions keyed by sample id (CIDEr is not a mean of per-sample values)."""
 
     @abstractmethod
-    def objective(self, vlm: VLM, batch: list[dict[str, Any]], schedule: str,
+    def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
                   x_clean: torch.Tensor | None = None) -> Objective:
         """What to attack. ``schedule``: "single" (one APGD run against the first reference / the true
         class) or "ensemble" (RobustVLM's schedule for this task). ``x_clean``: the batch's clean images,

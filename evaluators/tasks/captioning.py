@@ -30,7 +30,7 @@ from evaluators.datasets.base import SampleSource
 from evaluators.metrics.cider import CiderScorer
 from evaluators.tasks.base import Task
 from evaluators.tasks.prompting import PromptTemplate
-from evaluators.vlms.base import VLM, Turn
+from evaluators.vlms.base import VLM, Turn, VLMAdapter
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class CaptioningTask(Task):
             self._agg_cache = (tuple(sorted(ids)), scorer)
         return {"cider": scorer.corpus({i: str(p) for i, p in predictions.items()})}
 
-    def objective(self, vlm: VLM, batch: list[dict[str, Any]], schedule: str,
+    def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
                   x_clean: torch.Tensor | None = None) -> Objective:
         if schedule not in ("single", "ensemble"):
             raise ValueError(f"schedule must be 'single' or 'ensemble', got {schedule!r}")

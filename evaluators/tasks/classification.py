@@ -33,7 +33,7 @@ from evaluators.datasets.base import SampleSource
 from evaluators.errors import ConfigError
 from evaluators.metrics.accuracy import top1
 from evaluators.tasks.base import Task
-from evaluators.vlms.base import VLM
+from evaluators.vlms.base import VLM, VLMAdapter
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class ClassificationTask(Task):
 
     def objective(
         self,
-        vlm: VLM,
+        vlm: VLMAdapter,
         batch: list[dict[str, Any]],
         schedule: str,
         x_clean: torch.Tensor | None = None,

@@ -28,7 +28,7 @@ from evaluators.metrics.vqa_accuracy import GT_NORMALISATIONS, vqa_accuracy
 from evaluators.tasks.base import Task
 from evaluators.tasks.captioning import per_sample_loss
 from evaluators.tasks.prompting import PromptTemplate
-from evaluators.vlms.base import VLM, Turn
+from evaluators.vlms.base import VLM, Turn, VLMAdapter
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class VQATask(Task):
             accs.append(self._accuracy(p, sample))
         return {"vqa_acc": 100.0 * sum(accs) / len(accs)}
 
-    def objective(self, vlm: VLM, batch: list[dict[str, Any]], schedule: str,
+    def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
                   x_clean: torch.Tensor | None = None) -> Objective:
         if schedule not in ("single", "ensemble"):
             raise ValueError(f"schedule must be 'single' or 'ensemble', got {schedule!r}")
