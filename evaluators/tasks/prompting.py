@@ -50,15 +50,21 @@ class PromptTemplate:
                    remove=tuple(post.get("remove") or ()))
 
     def postprocess(self, text: str) -> str:
-        """Cut at the first of ``cut_at``, keep what precedes ``split_at``, drop ``remove`` strings, strip
-        (open_flamingo's answer clean-up; a no-op for families with no post-processing)."""
-        if self.cut_at:
-            text = re.split("|".join(re.escape(c) for c in self.cut_at), text, maxsplit=1)[0]
-        if self.split_at:
-            text = text.split(self.split_at, 1)[0]
-        for r in self.remove:
-            text = text.replace(r, "")
-        return text.strip()
+        """This family's clean-up of a generated answer (``postprocess`` with the template's settings)."""
+        return postprocess(text, self.cut_at, self.split_at, self.remove)
+
+
+def postprocess(text: str, cut_at: Sequence[str] = (), split_at: str | None = None, remove: Sequence[str] = ()) -> str:
+    """Keep the text before the first of ``cut_at`` (open_flamingo's model runs on into a new "Output:" or
+    "Question:" chunk), then before the first ``split_at``, drop every ``remove`` string, strip whitespace
+    (open_flamingo's answer clean-up; with no settings only the strip)."""
+    if cut_at:
+        text = re.split("|".join(re.escape(c) for c in cut_at), text, maxsplit=1)[0]
+    if split_at:
+        text = text.split(split_at, 1)[0]
+    for r in remove:
+        text = text.replace(r, "")
+    return text.strip()
 
 
 class TaskPrompts:
