@@ -38,7 +38,7 @@ def clean_and_adversarial(cfg: DictConfig, task_name: str) -> Pairs:
     if cfg.dataset.get("prepare") is not None:
         instantiate(cfg.dataset.prepare)
     vlm = instantiate(cfg.vlm.model).eval().requires_grad_(False)
-    task = instantiate(cfg.dataset.tasks[task_name])
+    task = instantiate(cfg.dataset.tasks[task_name], demo_seed=int(cfg.seed.subset))
     ids = select_subset(task.source.ids, int(cfg.n_samples), int(cfg.seed.subset))
     task.prepare(ids)
     samples = [task.source.get(i) for i in ids]

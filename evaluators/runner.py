@@ -106,6 +106,8 @@ def build(cfg: DictConfig, run_dir: Path, previous: dict | None = None) -> Harne
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     names = select_tasks(cfg, vlm_tasks(cfg))
+    if cfg.vlm.get("check") is not None:
+        instantiate(cfg.vlm.check)  # the model's files, before data or weights load: a wrong path fails at once
     if "captioning" in names:
         from evaluators.metrics.cider import check_java
 
@@ -117,7 +119,9 @@ def build(cfg: DictConfig, run_dir: Path, previous: dict | None = None) -> Harne
                                   {**checkpoint_paths(cfg), **annotation_paths(cfg, names)})
     vlm: VLMAdapter = instantiate(cfg.vlm.model)
     vlm = vlm.to(device).eval().requires_grad_(False)
-    tasks = {name: instantiate(cfg.dataset.tasks[name]) for name in select_tasks(cfg, vlm.tasks)}
+    # demonstrations are drawn per sample with seed.subset (a run-level seed, so not part of the task config)
+    tasks = {name: instantiate(cfg.dataset.tasks[name], demo_seed=int(cfg.seed.subset))
+             for name in select_tasks(cfg, vlm.tasks)}
     defense = build_defense(cfg, vlm, device)
     attack = instantiate(cfg.attack.method) if cfg.attack.get("method") is not None else None
     cache = None

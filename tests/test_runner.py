@@ -128,7 +128,7 @@ def test_resume_with_another_config_is_refused(data_dir, tmp_path):
     assert run_py(["experiment=fast_dev", "tasks=[vqa]", f"hydra.run.dir={out}"], env).returncode == 0
     proc = run_py(["experiment=fast_dev", "tasks=[vqa]", "seed.subset=1", f"hydra.run.dir={out}"], env)
     assert proc.returncode == 2
-    assert "different config (differs in " in proc.stderr and "seed.subset" in proc.stderr
+    assert "different config (differs in seed.subset)" in proc.stderr
 
 
 def last_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -144,6 +144,17 @@ def test_open_clip_errors(oc_files, tmp_path):
         CLIPVLM.load(open_clip={"model": "ViT-B-32", "checkpoint": str(weights)})
 
 
+def test_the_config_check_runs_without_loading(hf_folder, oc_files, tmp_path):
+    from evaluators.vlms.clip import check_clip_files
+
+    check_clip_files(hf_folder)
+    check_clip_files(None, {"model": str(oc_files[0]), "checkpoint": str(oc_files[1])})
+    with pytest.raises(CheckpointError, match="vlm.open_clip.checkpoint=.*no such file"):
+        check_clip_files(hf_folder, {"model": "ViT-B-32", "checkpoint": str(tmp_path / "x.bin")})
+    with pytest.raises(CheckpointError, match="vlm.path=.*no such folder"):
+        check_clip_files(tmp_path / "absent", {"model": "ViT-B-32", "checkpoint": None})
+
+
 def test_transformers_folder_errors(hf_folder, tmp_path):
     tic = time.perf_counter()
     with pytest.raises(CheckpointError, match="vlm.path=.*no such folder"):

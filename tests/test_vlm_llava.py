@@ -303,9 +303,12 @@ def test_run_py_end_to_end_with_apgd_and_diffcap(folder, shapes_env, tmp_path):
 
 def test_run_py_missing_folder_is_one_line(shapes_env, tmp_path):
     out = tmp_path / "run"
+    empty = tmp_path / "data"  # the check comes before the data set is prepared: nothing appears here
+    env = {**shapes_env, "DIFFCAP_DATA": str(empty)}
     tic = time.perf_counter()
-    proc = run_py(["vlm=llava", f"vlm.path={tmp_path / 'absent'}", f"hydra.run.dir={out}"], shapes_env)
+    proc = run_py(["vlm=llava", f"vlm.path={tmp_path / 'absent'}", f"hydra.run.dir={out}"], env)
     seconds = time.perf_counter() - tic
+    assert not empty.exists()
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
     assert errors[0].startswith(f"error: vlm.path={tmp_path / 'absent'}: no such folder")

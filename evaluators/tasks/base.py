@@ -30,7 +30,7 @@ class Task(ABC):
 
     def __init__(self, source: SampleSource, prompts: Mapping[str, Any] | None = None, demo_seed: int = 0):
         """``prompts``: family -> template node (config ``dataset.tasks.<task>.prompts``); ``demo_seed``:
-        seeds the choice of demonstrations per sample (config: ``seed.subset``)."""
+        seeds the choice of demonstrations per sample (the runner passes ``seed.subset``)."""
         self.source = source
         self.prompts = TaskPrompts(self.name, prompts, demo_seed)
         self._sent: dict[str, str] = {}  # sample id -> the last prompt string sent for it

@@ -64,9 +64,10 @@ class ClassificationTask(Task):
     name = "classification"
     primary = "top1"
 
-    def __init__(self, source: SampleSource | None, templates: Sequence[str] | None = None):
-        """``source=None`` builds a scorer only (re-scoring from samples.jsonl needs no class names)."""
-        super().__init__(source)
+    def __init__(self, source: SampleSource | None, templates: Sequence[str] | None = None, demo_seed: int = 0):
+        """``source=None`` builds a scorer only (re-scoring from samples.jsonl needs no class names);
+        ``demo_seed`` is accepted like every task's (zero-shot classification has no demonstrations)."""
+        super().__init__(source, demo_seed=demo_seed)
         if source is not None and not source.classnames:
             raise ValueError(f"{type(source).__name__} has no classnames; classification needs them")
         if templates is None and source is not None:

@@ -42,6 +42,21 @@ def check_clip_folder(path: str | Path) -> Path:
     return folder
 
 
+def check_clip_files(path: str | Path | None = None, open_clip: Mapping[str, Any] | None = None) -> None:
+    """The files ``CLIPVLM.load`` would read exist (config ``vlm.check``, run before anything heavy)."""
+    oc = dict(open_clip or {})
+    if oc.get("checkpoint"):
+        if not Path(str(oc["checkpoint"])).expanduser().is_file():
+            raise CheckpointError(f"vlm.open_clip.checkpoint={oc['checkpoint']}: no such file; give the open_clip "
+                                  "weights file (a state dict, e.g. open_clip_pytorch_model.bin); pretrained tags "
+                                  "such as 'openai' are not downloaded")
+        model = str(oc.get("model") or "")
+        if model.endswith(".json") and not Path(model).expanduser().is_file():
+            raise CheckpointError(f"vlm.open_clip.model={model}: no such model-config file")
+    elif path is not None:
+        check_clip_folder(path)
+
+
 class CLIPVLM(VLM):
     """A CLIP model behind the contract; built by ``from_pretrained`` (transformers) or ``from_open_clip``."""
 
