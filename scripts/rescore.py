@@ -10,15 +10,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
-from hydra.utils import get_class  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from evaluators import results  # noqa: E402
-from evaluators.runner import RUN_CONFIG, print_table  # noqa: E402
-from evaluators.summary import summarise  # noqa: E402
-from evaluators.tasks.base import Task  # noqa: E402
+from evaluators import results
+from evaluators.runner import RUN_CONFIG, print_table
+from evaluators.summary import summarise
+from evaluators.tasks.base import Task
 
 
 def tasks_from_config(run_config: dict) -> dict[str, Task]:
