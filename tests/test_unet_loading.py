@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from diffcap.denoisers import Denoiser, load_guided_diffusion
-from diffcap.unet import GUIDED_DIFFUSION_256_UNCOND_FLAGS, GroupNorm32, UNetModel
+from diffcap.unet import GUIDED_DIFFUSION_256_UNCOND_FLAGS, UNetModel
+from diffcap.unet_blocks import GroupNorm32
 
 # ---------------------------------------------------------------- expected state-dict layout
 
