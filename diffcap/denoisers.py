@@ -16,7 +16,10 @@ that grid times k / N held in float32 map to k, not k - 1.
 
 Note the index convention: guided-diffusion's index i denotes the state after i + 1 forward steps
 (``alphas_cumprod[i]``), i.e. t = (i + 1) / N, so floor(N t) is one step later than exact; this is
-DiffPure's behaviour and is kept.
+DiffPure's behaviour for its SDE runner and is kept there. ``predict(x, i)`` instead hands the network
+guided-diffusion's index itself and also returns the learned-variance channels: that is what DiffPure's DDPM
+runner does, and what ``diffcap.samplers.DDPMAncestral`` calls. The noise schedule is ``schedule``
+(a ``diffcap.schedule.Schedule`` built from the config's betas).
 """
 
 from __future__ import annotations

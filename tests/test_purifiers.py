@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,9 +14,7 @@ from diffcap.purifiers import DiffCAP, DiffPure, bpda
 from diffcap.samplers import DDIM, Sampler
 from diffcap.schedule import Schedule
 from tests.standins import Counting, TinyDenoiser, gens
-
-BETAS = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
-AC = np.cumprod(1.0 - BETAS)
+from tests.test_schedule import AC, BETAS
 
 
 class PixelEncoder:
