@@ -301,6 +301,8 @@ def test_diffcap_rejects_bad_config(kwargs, message):
 def test_diffpure_rejects_bad_t_star(t_star):
     with pytest.raises(ValueError, match=rf"defense\.t_star must be in \(0, 1\], got {t_star}"):
         DiffPure(TinyDenoiser(), t_star=t_star)
+    with pytest.raises(ValueError, match=r"defense\.t_star=0.0004 is shorter than one of the 1000 steps"):
+        DiffPure(TinyDenoiser(), t_star=0.0004)
 
 
 def test_bpda_is_purified_forward_and_identity_backward():
