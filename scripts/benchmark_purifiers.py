@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -23,10 +22,10 @@ import numpy as np
 import torch
 
 from evaluators.config import PROJECT_ROOT, compose_config, validate
-from evaluators.errors import ConfigError
-from evaluators.runner import Harness, adversarial_images, build, build_defense, load_images
+from evaluators.errors import DataError, cli
+from evaluators.images import load_images
+from evaluators.runner import Harness, adversarial_images, build, build_defense
 from evaluators.seeding import derive_seed, generators, select_subset
-from evaluators.user_errors import user_error
 
 log = logging.getLogger("benchmark_purifiers")
 
@@ -36,10 +35,12 @@ def clean_and_adversarial(h: Harness, task_name: str) -> tuple[list[dict], torch
     task = h.tasks[task_name]
     ids = select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
     task.prepare(ids)
+    h.subsets[task_name] = ids
     samples = [task.source.get(i) for i in ids]
     images, errors = load_images([s["image_path"] for s in samples])
     if any(errors):
-        raise ConfigError(f"unreadable images: {[e for e in errors if e]}")
+        raise DataError(f"{sum(e is not None for e in errors)} of {len(errors)} images cannot be read (e.g. "
+                        f"{next(e for e in errors if e)}); fix the data")
     x = h.vlm.to_pixels(images).to(torch.device(h.cfg.device))
     bs = int(h.cfg.batch_size)
     x_adv = torch.cat([adversarial_images(h, task_name, task, samples[i : i + bs], x[i : i + bs])[0]
@@ -74,20 +75,13 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = ["attack=apgd", "n_samples=32", f"tasks=[{args.task}]", *overrides]
-    try:
-        cfg = compose_config([*overrides, "defense=diffcap"])
-        validate(cfg)
-        h = build(cfg, Path(cfg.paths.output_dir))
-        samples, x, x_adv = clean_and_adversarial(h, args.task)
-        diffpure_cfg = compose_config([*overrides, "defense=diffpure"])
-        validate(diffpure_cfg)
-        diffpure = build_defense(diffpure_cfg, h.vlm, torch.device(cfg.device))
-    except Exception as e:
-        cause = user_error(e)
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+    cfg = compose_config([*overrides, "defense=diffcap"])
+    validate(cfg)
+    diffpure_cfg = compose_config([*overrides, "defense=diffpure"])
+    validate(diffpure_cfg)
+    h = build(cfg, Path(cfg.paths.output_dir))
+    samples, x, x_adv = clean_and_adversarial(h, args.task)
+    diffpure = build_defense(diffpure_cfg, h.vlm, torch.device(cfg.device))
     bs = int(cfg.batch_size)
     purifiers = {"diffpure": diffpure, "diffcap": h.defense}
     seeds = [derive_seed(cfg.seed.noise, "benchmark", s["id"]) for s in samples]
@@ -132,4 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -31,10 +30,10 @@ import torch  # noqa: E402
 
 from diffcap.purifiers import DiffCAP  # noqa: E402
 from evaluators.config import PROJECT_ROOT, compose_config, validate  # noqa: E402
-from evaluators.errors import ConfigError  # noqa: E402
-from evaluators.runner import Harness, adversarial_images, build, load_images  # noqa: E402
+from evaluators.errors import ConfigError, DataError, cli  # noqa: E402
+from evaluators.images import load_images  # noqa: E402
+from evaluators.runner import Harness, adversarial_images, build  # noqa: E402
 from evaluators.seeding import derive_seed, generators, select_subset  # noqa: E402
-from evaluators.user_errors import user_error  # noqa: E402
 
 log = logging.getLogger("calibrate_tau")
 
@@ -44,10 +43,12 @@ def clean_and_adversarial(h: Harness, task_name: str) -> tuple[list[dict], torch
     task = h.tasks[task_name]
     ids = select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
     task.prepare(ids)
+    h.subsets[task_name] = ids
     samples = [task.source.get(i) for i in ids]
     images, errors = load_images([s["image_path"] for s in samples])
     if any(errors):
-        raise ConfigError(f"unreadable images: {[e for e in errors if e]}")
+        raise DataError(f"{sum(e is not None for e in errors)} of {len(errors)} images cannot be read (e.g. "
+                        f"{next(e for e in errors if e)}); fix the data")
     x = h.vlm.to_pixels(images).to(torch.device(h.cfg.device))
     bs = int(h.cfg.batch_size)
     x_adv = torch.cat([adversarial_images(h, task_name, task, samples[i : i + bs], x[i : i + bs])[0]
@@ -72,19 +73,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = ["attack=apgd", "n_samples=100", "defense=diffcap", f"defense.step={args.step}",
                  f"tasks=[{args.task}]", *overrides]
-    try:
-        cfg = compose_config(overrides)
-        validate(cfg)
-        h = build(cfg, Path(cfg.paths.output_dir))
-        if not isinstance(h.defense, DiffCAP):
-            raise ConfigError(f"calibrate_tau.py needs defense=diffcap, got defense={cfg.defense.name}")
-        samples, x, x_adv = clean_and_adversarial(h, args.task)
-    except Exception as e:
-        cause = user_error(e)
-        if cause is None:
-            raise
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+    cfg = compose_config(overrides)
+    validate(cfg)
+    h = build(cfg, Path(cfg.paths.output_dir))
+    if not isinstance(h.defense, DiffCAP):
+        raise ConfigError(f"calibrate_tau.py needs defense=diffcap, got defense={cfg.defense.name}")
+    samples, x, x_adv = clean_and_adversarial(h, args.task)
     diffcap: DiffCAP = h.defense
     bs = int(cfg.batch_size)
     seeds = [derive_seed(cfg.seed.noise, "calibrate", s["id"]) for s in samples]
@@ -127,4 +121,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -7,6 +7,7 @@ import logging
 import time
 
 from evaluators.datasets.shapes import generate_shapes
+from evaluators.errors import cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,4 +27,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -34,6 +34,7 @@ from diffcap.denoisers import Denoiser, load_shapes_denoiser, save_denoiser
 from diffcap.samplers import DDIM, DDPMAncestral
 from diffcap.schedule import LINEAR
 from diffcap.unet import UNetModel
+from evaluators.errors import cli
 
 log = logging.getLogger("train_shapes_denoiser")
 NUM_STEPS = LINEAR.num_steps
@@ -342,4 +343,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from evaluators.datasets.shapes import CLASSNAMES, generate_shapes
+from evaluators.errors import cli
 from evaluators.vlms.tiny import (
     CAPTION_PROMPT,
     CLASS_TEMPLATES,
@@ -386,4 +387,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
