@@ -118,7 +118,8 @@ BOOL = Check("bool")
 
 #: every value a run reads, checked when its group is selected (a key absent from the config is skipped)
 CHECKS: dict[str, Check] = {
-    "n_samples": POSITIVE_INT, "batch_size": POSITIVE_INT, "torch_threads": Check("int", lo=1, optional=True),
+    "n_samples": Check("int", lo=1, optional=True),  # null: the whole split
+    "batch_size": POSITIVE_INT, "torch_threads": Check("int", lo=1, optional=True),
     "seed.subset": Check("int", lo=0), "seed.noise": Check("int", lo=0), "resume": BOOL,
     "harness_version": POSITIVE_INT,
     "attack.eps": Check("num", lo=1, hi=64, unit="in 1/255 units"), "attack.steps": POSITIVE_INT,
