@@ -55,3 +55,6 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"defense.eval_draws must be >= 1, got {draws}")
     if int(cfg.batch_size) < 1 or int(cfg.n_samples) < 1:
         raise ConfigError("batch_size and n_samples must be >= 1")
+    from evaluators.sharding import check as check_shards
+
+    check_shards(cfg)

@@ -26,6 +26,7 @@ from evaluators import results
 from evaluators.config import validate
 from evaluators.errors import ConfigError
 from evaluators.seeding import derive_seed, generators, select_subset
+from evaluators.sharding import shard_slice
 from evaluators.summary import summarise, write_summary
 from evaluators.tasks.base import Task
 from evaluators.vlms.base import VLMAdapter
@@ -180,6 +181,7 @@ def run_task(h: Harness, name: str, task: Task) -> None:
     results.write_json_atomic(manifest, {"task": name, "seed": int(h.cfg.seed.subset), "n": len(subset),
                                          "of": len(ids), "ids": subset})
     task.prepare(subset)
+    subset = shard_slice(subset, h.cfg)  # sharded job: its part only; the idf above comes from the whole subset
     bs = int(h.cfg.batch_size)
     batches = [subset[i : i + bs] for i in range(0, len(subset), bs)]
     done = results.completed_batches(h.run_dir, name, {b: len(ids_b) for b, ids_b in enumerate(batches)})

@@ -12,28 +12,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hydra.utils import get_class  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
 from evaluators import results  # noqa: E402
-from evaluators.runner import RUN_CONFIG, print_table  # noqa: E402
-from evaluators.summary import summarise  # noqa: E402
-from evaluators.tasks.base import Task  # noqa: E402
-
-
-def tasks_from_config(run_config: dict) -> dict[str, Task]:
-    """Task objects with their scoring options but no data source: aggregation reads the records only."""
-    out = {}
-    for name, spec in run_config["dataset"]["tasks"].items():
-        kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "source")}
-        out[name] = get_class(spec["_target_"])(source=None, **kwargs)
-    return out
-
-
-def rescore(run_dir: Path) -> dict:
-    run_config = json.loads((run_dir / RUN_CONFIG).read_text())
-    tasks = tasks_from_config(run_config)
-    return summarise(run_dir, OmegaConf.create(run_config), tasks)
+from evaluators.rescoring import rescore  # noqa: E402
+from evaluators.runner import print_table  # noqa: E402
 
 
 def main() -> None:
