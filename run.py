@@ -16,11 +16,12 @@ log = logging.getLogger("run")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
 def main(cfg: DictConfig) -> None:
+    from evaluators.jobs import guarded
     from evaluators.runner import run
     from evaluators.user_errors import user_error
 
     try:
-        run(cfg)
+        guarded(lambda: run(cfg), cfg.paths.output_dir, user_error)  # a multirun records failures, goes on
     except Exception as e:
         cause = user_error(e)
         if cause is None:
