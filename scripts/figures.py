@@ -51,7 +51,7 @@ def tau_ablation(entries: list[Entry], out: Path) -> list[Path]:
     by_strength: dict[str, list[Entry]] = defaultdict(list)
     for e in cap:
         by_strength[e.facets["strength"]].append(e)
-    for strength, es in sorted(by_strength.items()):
+    for strength, es in sorted(by_strength.items(), key=lambda kv: (kv[0] != "clean", kv[0])):
         es = sorted(es, key=lambda e: e.facets["tau"])
         x = [e.facets["tau"] for e in es]
         est = [bootstrap.interval(bootstrap.draws_view(e.values)["mean"], e.scale) for e in es]
