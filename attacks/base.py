@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from evaluators.errors import InvariantError  # noqa: F401 (re-exported: defined with the other errors)
+
 #: loss(x, index) -> per-sample loss (len(index),) to MAXIMISE; ``x`` holds the images of the batch rows
 #: listed in ``index`` (a LongTensor into the batch), so a task can slice its per-sample targets.
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,10 +36,6 @@ class Objective:
     #: a sample counts as broken (no more attack stages) once its score is <= this value
     success_below: float | None = None
     extra: dict = field(default_factory=dict)
-
-
-class InvariantError(RuntimeError):
-    """An adversarial image left its eps-ball or the [0, 1] box."""
 
 
 def check_invariants(x_adv: torch.Tensor, x: torch.Tensor, eps: float, tol: float = 1e-6) -> list[dict]:

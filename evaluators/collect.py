@@ -9,7 +9,6 @@ Shard folders (``n_shards > 1``) are partial runs and are skipped: merge them fi
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from evaluators import results
 from evaluators.errors import HarnessError
+from evaluators.run_folder import read_json
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,10 @@ def run_facets(cfg: dict) -> dict[str, Any]:
 def find_runs(roots: list[Path]) -> list[Path]:
     out = []
     for root in roots:
-        if not root.exists():
-            raise CollectError(f"{root} does not exist")
+        if not root.is_dir():
+            raise CollectError(f"{root} is not a folder; pass the folder that holds the runs")
         for p in sorted(root.rglob(results.SUMMARY)):
-            cfg = json.loads(p.read_text()).get("config", {})
+            cfg = read_json(p, "the run's summary").get("config", {})
             if int(cfg.get("n_shards", 1) or 1) > 1:
                 log.info("skipping shard %s (merge the shards first)", p.parent)
                 continue
@@ -91,7 +91,7 @@ def _values(records: list[dict], cond: str, metric: str) -> np.ndarray:
 
 def entries_of_run(run_dir: Path) -> list[Entry]:
     """The entries of one finished run: per task, the clean strength and (if attacked) the attack strength."""
-    summary = json.loads((run_dir / results.SUMMARY).read_text())
+    summary = read_json(run_dir / results.SUMMARY, "the run's summary")
     cfg = summary["config"]
     facets = run_facets(cfg)
     records = [r for r in results.read_records(run_dir / results.SAMPLES) if r.get("status") == "ok"]

@@ -36,17 +36,19 @@ def record(output_dir: str | Path, status: dict) -> None:
     path.write_text(json.dumps(status, indent=2))
 
 
-def guarded(fn: Callable[[], Any], output_dir: str | Path, explain: Callable[[BaseException], Any]) -> Any:
-    """Run ``fn``; in a multirun record its failure (``explain(e)`` gives the one-line user error, if any)
+def guarded(fn: Callable[[], Any], output_dir: str | Path) -> Any:
+    """Run ``fn``; in a multirun record its failure (the one-line user error, or the exception's first line)
     instead of raising, so the other jobs run. Outside a multirun, errors propagate."""
+    from evaluators.errors import one_line, user_error
+
     if not in_multirun():
         return fn()
     try:
         out = fn()
     except Exception as e:  # noqa: BLE001 (every failure of one job is recorded, the sweep goes on)
-        cause = explain(e)
-        line = str(cause) if cause is not None else f"{type(e).__name__}: {e}"
-        record(output_dir, {"status": "error", "error": line.splitlines()[0] if line else type(e).__name__,
+        cause = user_error(e)
+        line = one_line(cause) if cause is not None else f"{type(e).__name__}: {one_line(e)}"
+        record(output_dir, {"status": "error", "error": line,
                             "type": type(e).__name__, "traceback": traceback.format_exc()})
         log.error("job failed (recorded in %s): %s", Path(output_dir) / STATUS, line)
         return None

@@ -2,8 +2,8 @@
 histogram of DiffCAP/DiffPure stopping times and a few example images; all runs of one multirun share one
 wandb group (the sweep folder), so a paper table is one group.
 
-Offline by default (``WANDB_MODE`` or ``logger.mode`` may say ``disabled``/``online``); it never asks for an
-API key: an online mode without a key in the environment falls back to offline with a warning.
+Offline by default (``WANDB_MODE`` or ``logger.mode``); it never asks for an API key (online mode without
+WANDB_API_KEY is refused by the config checks, and a failed start is a one-line error).
 """
 
 from __future__ import annotations
@@ -28,14 +28,6 @@ def group_name(cfg: DictConfig) -> str | None:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return str(HydraConfig.get().sweep.dir)
     return None
-
-
-def safe_mode(mode: str) -> str:
-    """``online`` only with an API key in the environment; wandb would otherwise prompt for one."""
-    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
-        log.warning("logger.mode=online but WANDB_API_KEY is not set: logging offline instead")
-        return "offline"
-    return mode
 
 
 def flat_metrics(summary: dict) -> dict[str, float]:
@@ -70,11 +62,12 @@ class WandbTracker:
 
         os.environ.setdefault("WANDB_SILENT", "true")
         self.n_images = int(cfg.logger.n_images)
-        mode = safe_mode(str(cfg.logger.mode))
         Path(str(cfg.logger.dir)).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=cfg.logger.project, mode=mode, dir=str(cfg.logger.dir), name=cfg.run_name,
-                              group=group_name(cfg), config=OmegaConf.to_container(cfg, resolve=True),
-                              reinit="finish_previous")
+        # a bounded wait: with a bad key or no network, wandb would otherwise retry for minutes
+        self.run = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(cfg.logger.dir),
+                              name=cfg.run_name, group=group_name(cfg), config=OmegaConf.to_container(cfg, resolve=True),
+                              reinit="finish_previous",
+                              settings=wandb.Settings(init_timeout=float(cfg.logger.get("init_timeout", 30))))
 
     def finish(self, summary: dict, run_dir: Path) -> None:
         import wandb

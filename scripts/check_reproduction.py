@@ -11,7 +11,6 @@ the data sets that were run. Exit status 0 when every cell with a tolerance was 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from evaluators import bootstrap  # noqa: E402
-from evaluators.collect import CollectError, collect  # noqa: E402
+from evaluators.collect import collect  # noqa: E402
+from evaluators.errors import cli  # noqa: E402
+from evaluators.run_folder import read_json  # noqa: E402
 
 REFERENCE = Path(__file__).with_name("reference_numbers.json")
 
@@ -51,11 +52,7 @@ def main() -> None:
     parser.add_argument("roots", type=Path, nargs="+", help="folders with the undefended runs")
     parser.add_argument("--reference", type=Path, default=REFERENCE)
     args = parser.parse_args()
-    try:
-        rows = check(collect(args.roots), json.loads(args.reference.read_text()))
-    except (CollectError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    rows = check(collect(args.roots), read_json(args.reference, "the reference numbers"))
     print(f"{'vlm':<14}{'dataset':<10}{'strength':<9}{'measured':>10}{'95% CI':>18}{'reference':>11}{'tol':>6}  verdict")
     for r in rows:
         ci = f"[{r['low']:.1f}, {r['high']:.1f}]" if r["low"] is not None else ""
@@ -69,4 +66,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

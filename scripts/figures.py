@@ -27,6 +27,7 @@ from PIL import Image  # noqa: E402
 
 from evaluators import bootstrap, results  # noqa: E402
 from evaluators.collect import DEFENSE_LABEL, DEFENSE_ORDER, TASK_LABEL, CollectError, Entry, collect  # noqa: E402
+from evaluators.errors import cli  # noqa: E402
 
 
 def save(fig: plt.Figure, out: Path) -> list[Path]:
@@ -174,22 +175,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not (args.main or args.tau or args.runtime):
-        print("error: pass run folders with --main, --tau and/or --runtime", file=sys.stderr)
-        sys.exit(2)
-    try:
-        groups = {k: collect(v) if v else [] for k, v in (("main", args.main), ("tau", args.tau),
-                                                           ("runtime", args.runtime))}
-    except CollectError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise CollectError("pass run folders with --main, --tau and/or --runtime")
+    groups = {k: collect(v) if v else [] for k, v in (("main", args.main), ("tau", args.tau), ("runtime", args.runtime))}
     made = {}
     for name, fn, group in (("tau_ablation", tau_ablation, "tau"), ("stopping_times", stopping_times, "main"),
                             ("runtime", runtime, "runtime"), ("examples", example_grid, "main")):
         made[name] = [str(p) for p in fn(groups[group], args.out / name)]
         print(f"{name}: {', '.join(made[name]) or 'skipped (no runs with its data)'}")
+    if not any(made.values()):
+        raise CollectError(f"no figure could be drawn: no DiffCAP runs (stopping times), no tau sweep and no "
+                           f"runtime runs with a defense under {', '.join(map(str, args.main + args.tau + args.runtime))}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "figures.json").write_text(json.dumps(made, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluators.errors import HarnessError  # noqa: E402
+from evaluators.errors import cli  # noqa: E402
 from evaluators.runner import print_table  # noqa: E402
 from evaluators.sharding import find_shard_dirs, merge_shards  # noqa: E402
 
@@ -25,14 +25,10 @@ def main() -> None:
     parser.add_argument("shards", type=Path, nargs="+", help="shard run folders, or folders holding them")
     parser.add_argument("--out", type=Path, required=True, help="the merged run folder (must not hold a run)")
     args = parser.parse_args()
-    try:
-        summary = merge_shards(find_shard_dirs(args.shards), args.out)
-    except HarnessError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = merge_shards(find_shard_dirs(args.shards), args.out)
     print_table(summary)
     print(f"merged {len(summary['shards'])} shards into {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 
 from evaluators import bootstrap  # noqa: E402
 from evaluators.collect import DEFENSE_LABEL, DEFENSE_ORDER, TASK_LABEL, CollectError, Entry, collect  # noqa: E402
+from evaluators.errors import cli  # noqa: E402
 
 MISSING = "missing"
 
@@ -177,24 +178,20 @@ def main() -> None:
     parser.add_argument("--name", default="main", help="file prefix: <out>/<name>_<task>.{md,csv,tex}")
     args = parser.parse_args()
     rows, cols = args.rows.split(","), args.cols.split(",")
-    try:
-        entries = collect(args.roots)
-        if not entries:
-            raise CollectError(f"no finished run (summary.json) under {', '.join(map(str, args.roots))}")
-        known = set(entries[0].facets)
-        bad = [f for f in rows + cols if f not in known]
-        if bad:
-            raise CollectError(f"unknown facet(s) {bad} in --rows/--cols; choose from {sorted(known)}")
-        for task in sorted({e.task for e in entries}):
-            cells, meta = build(entries, task, rows, cols)
-            table = pivot(cells, rows, cols)
-            cap = caption(task, meta)
-            write(cells, differences(entries, task), table, cap, args.out / f"{args.name}_{task}")
-            print(f"{cap}\n\n{markdown(table)}\n")
-    except CollectError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    entries = collect(args.roots)
+    if not entries:
+        raise CollectError(f"no finished run (summary.json) under {', '.join(map(str, args.roots))}")
+    known = set(entries[0].facets)
+    bad = [f for f in rows + cols if f not in known]
+    if bad:
+        raise CollectError(f"unknown facet(s) {bad} in --rows/--cols; choose from {sorted(known)}")
+    for task in sorted({e.task for e in entries}):
+        cells, meta = build(entries, task, rows, cols)
+        table = pivot(cells, rows, cols)
+        cap = caption(task, meta)
+        write(cells, differences(entries, task), table, cap, args.out / f"{args.name}_{task}")
+        print(f"{cap}\n\n{markdown(table)}\n")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)
