@@ -379,7 +379,7 @@ def _plot_missing_root(c: Ctx) -> list[str]:
 
 
 def _plot_no_diffcap_runs(c: Ctx) -> list[str]:
-    return ["--main", str(c.run.parent), "--out", str(c.tmp / "p")]
+    return ["--tau", str(c.run.parent), "--out", str(c.tmp / "p")]
 
 
 def _plot_damaged_summary(c: Ctx) -> list[str]:
