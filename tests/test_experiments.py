@@ -87,7 +87,7 @@ def test_joblib_sweep_records_a_failing_job_and_completes_the_others(tmp_path):
     ok = [d for d, s in statuses.items() if s["status"] == "ok"]
     bad = [s for s in statuses.values() if s["status"] == "error"]
     assert len(ok) == 1 and "defense.tau=0.9" in ok[0]
-    assert len(bad) == 1 and bad[0]["error"] == "defense.tau must be in (0, 1), got 1.5"
+    assert len(bad) == 1 and bad[0]["error"] == "defense.tau=1.5 is not accepted: defense.tau must be a number in (0, 1)"
     assert "1 of 2 jobs failed" in proc.stderr and "Traceback" not in proc.stderr
     done = next(p.parent for p in sweep.rglob("summary.json"))
     assert json.loads((done / "summary.json").read_text())["metrics"]["classification"]["top1"]
