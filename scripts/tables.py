@@ -35,7 +35,8 @@ def facet_order(name: str, values: set) -> list:
     if name == "strength":
         rest = sorted((v for v in values if v != "clean"), key=lambda s: (not s[0].isdigit(), float(s.split("/")[0].split()[-1]), s))
         return (["clean"] if "clean" in values else []) + rest
-    return sorted(values, key=lambda v: (v is None, str(v)))
+    numeric = all(isinstance(v, int | float) for v in values if v is not None)
+    return sorted(values, key=lambda v: (v is None, v if numeric and v is not None else 0, str(v)))
 
 
 def label(name: str, value) -> str:
