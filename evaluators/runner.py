@@ -22,11 +22,12 @@ from attacks.base import check_invariants
 from diffcap.base import Purifier
 from evaluators import results, run_folder
 from evaluators.config import select_tasks, validate
+from evaluators.datasets.manifests import draw, evaluated_subset
 from evaluators.errors import ConfigError, DataError, HarnessError
 from evaluators.fingerprints import annotation_paths, checkpoint_paths, fingerprint_run
 from evaluators.images import load_images
 from evaluators.run_folder import RUN_CONFIG, without_places  # noqa: F401 (scripts read RUN_CONFIG here)
-from evaluators.seeding import derive_seed, generators, select_subset
+from evaluators.seeding import derive_seed, generators
 from evaluators.sharding import shard_slice
 from evaluators.summary import summarise, write_summary
 from evaluators.tasks.base import Task
@@ -151,15 +152,15 @@ def build_defense(cfg: DictConfig, vlm: VLMAdapter, device: torch.device) -> Pur
 
 
 def run_task(h: Harness, name: str, task: Task) -> None:
-    ids = task.source.ids
-    subset = select_subset(ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+    drawn = evaluated_subset(task.source, name, h.cfg.n_samples, int(h.cfg.seed.subset),
+                             h.cfg.dataset.get("manifests"))
+    subset = drawn["ids"]
     manifest = results.manifest_path(h.run_dir, name)
     if manifest.exists():
         listed = run_folder.read_json(manifest, f"the evaluated subset of {name}")
         if not isinstance(listed, dict) or listed.get("ids") != subset:
             raise ConfigError(f"{manifest} lists another subset than this config draws; delete the run folder")
-    results.write_json_atomic(manifest, {"task": name, "seed": int(h.cfg.seed.subset), "n": len(subset),
-                                         "of": len(ids), "ids": subset})
+    results.write_json_atomic(manifest, drawn)
     task.prepare(subset)
     h.subsets[name] = subset
     subset = shard_slice(subset, h.cfg)  # sharded job: its part only; the idf above comes from the whole subset
@@ -323,7 +324,7 @@ def key_material(h: Harness, name: str, task: Task, adaptive: bool) -> dict[str,
         "seed": int(h.cfg.seed.noise), "harness_version": int(h.cfg.harness_version),
     }
     if type(task).prepare is not Task.prepare:  # the metric depends on the evaluated subset (CIDEr's idf)
-        ids = h.subsets.get(name) or select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+        ids = h.subsets.get(name) or draw(task.source, name, h.cfg.n_samples, int(h.cfg.seed.subset))["ids"]
         material["subset"] = hashlib.sha256("\x1f".join(ids).encode()).hexdigest()
     if adaptive:
         defense = OmegaConf.to_container(h.cfg.defense, resolve=True)

@@ -13,12 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluators import results  # noqa: E402
-from evaluators.errors import DamagedFileError, HarnessError, RunFolderError, cli  # noqa: E402
-from evaluators.rescoring import rescore  # noqa: E402
-from evaluators.run_folder import locked, read_json  # noqa: E402
+from evaluators import results
+from evaluators.errors import DamagedFileError, HarnessError, RunFolderError, cli
+from evaluators.rescoring import rescore
+from evaluators.run_folder import locked, read_json
 
 
 def coverage(summary: dict) -> tuple[set, int]:
