@@ -134,7 +134,7 @@ CHECKS: dict[str, Check] = {
     "defense.keep": Check("enum", choices=("before", "after")), "defense.step": POSITIVE_INT,
     "defense.t_max": UNIT_HALF_OPEN, "defense.t_star": UNIT_HALF_OPEN, "defense.check_every": POSITIVE_INT,
     "defense.eval_draws": POSITIVE_INT, "defense.sampler.steps": POSITIVE_INT, "defense.sampler.dt": UNIT_OPEN,
-    "defense.sampler.eta": Check("num", lo=0),
+    "defense.sampler.eta": Check("num", lo=0), "defense.antialias": BOOL, "defense.sampler.clip_denoised": BOOL,
     "dataset.prepare.n_train": POSITIVE_INT, "dataset.prepare.n_test": POSITIVE_INT,
     "dataset.prepare.size": Check("int", lo=8), "dataset.prepare.seed": Check("int", lo=0),
     "logger.mode": Check("enum", choices=("online", "offline", "disabled")), "logger.n_images": Check("int", lo=0),
@@ -262,3 +262,6 @@ def validate(cfg: DictConfig) -> None:
         checker(cfg)
     check_device(cfg.get("device", "cpu"))
     select_tasks(cfg, vlm_tasks(cfg))
+    from evaluators.sharding import check as check_shards
+
+    check_shards(cfg)

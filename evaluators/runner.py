@@ -28,6 +28,7 @@ from evaluators.fingerprints import annotation_paths, checkpoint_paths, fingerpr
 from evaluators.images import load_images
 from evaluators.run_folder import RUN_CONFIG, without_places  # noqa: F401 (scripts read RUN_CONFIG here)
 from evaluators.seeding import derive_seed, generators
+from evaluators.sharding import shard_slice
 from evaluators.summary import summarise, write_summary
 from evaluators.tasks.base import Task
 from evaluators.vlms.base import VLMAdapter
@@ -107,6 +108,8 @@ def build(cfg: DictConfig, run_dir: Path, previous: dict | None = None) -> Harne
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     names = select_tasks(cfg, vlm_tasks(cfg))
+    if cfg.vlm.get("check") is not None:
+        instantiate(cfg.vlm.check)  # the model's files, before data or weights load: a wrong path fails at once
     if "captioning" in names:
         from evaluators.metrics.cider import check_java
 
@@ -118,7 +121,9 @@ def build(cfg: DictConfig, run_dir: Path, previous: dict | None = None) -> Harne
                                   {**checkpoint_paths(cfg), **annotation_paths(cfg, names)})
     vlm: VLMAdapter = instantiate(cfg.vlm.model)
     vlm = vlm.to(device).eval().requires_grad_(False)
-    tasks = {name: instantiate(cfg.dataset.tasks[name]) for name in select_tasks(cfg, vlm.tasks)}
+    # demonstrations are drawn per sample with seed.subset (a run-level seed, so not part of the task config)
+    tasks = {name: instantiate(cfg.dataset.tasks[name], demo_seed=int(cfg.seed.subset))
+             for name in select_tasks(cfg, vlm.tasks)}
     defense = build_defense(cfg, vlm, device)
     attack = instantiate(cfg.attack.method) if cfg.attack.get("method") is not None else None
     cache = None
@@ -162,6 +167,7 @@ def run_task(h: Harness, name: str, task: Task) -> None:
     results.write_json_atomic(manifest, drawn)
     task.prepare(subset)
     h.subsets[name] = subset
+    subset = shard_slice(subset, h.cfg)  # sharded job: its part only; the idf above comes from the whole subset
     bs = int(h.cfg.batch_size)
     batches = [subset[i : i + bs] for i in range(0, len(subset), bs)]
     done = results.completed_batches(h.run_dir, name, {b: len(ids_b) for b, ids_b in enumerate(batches)})

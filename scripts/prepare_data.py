@@ -20,14 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
-from hydra.utils import instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from evaluators.config import compose_config  # noqa: E402
-from evaluators.datasets import manifests  # noqa: E402
-from evaluators.errors import DataError, cli, one_line, user_error  # noqa: E402
+from evaluators.config import compose_config
+from evaluators.datasets import manifests
+from evaluators.errors import DataError, cli, one_line, user_error
 
 REAL_DATASETS = ("coco", "flickr30k", "vqav2", "textvqa", "caltech101", "imagenet")
 
