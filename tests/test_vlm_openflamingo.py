@@ -17,7 +17,7 @@ from open_flamingo.eval.vqa_metric import postprocess_vqa_generation
 from open_flamingo.src.factory import create_model_and_transforms
 from PIL import Image
 
-from evaluators.errors import ConfigError
+from evaluators.errors import ConfigError, HarnessError
 from evaluators.vlms.base import Turn
 from evaluators.vlms.openflamingo import OpenFlamingoVLM, postprocess
 from tests.openflamingo_tiny import TinyFlamingo, build
@@ -308,7 +308,7 @@ def test_bad_files_fail_fast_with_one_line(tiny: TinyFlamingo, tmp_path: Path, c
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf_cache"))
     kw, names = _broken(tiny, tmp_path, case)
     start = time.perf_counter()
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(HarnessError) as info:
         OpenFlamingoVLM.from_pretrained(**kw)
     assert time.perf_counter() - start < 10
     msg = str(info.value)

@@ -29,12 +29,11 @@ from PIL import Image
 from torchvision import transforms as T
 
 from evaluators.errors import ConfigError
-from evaluators.vlms.base import VLM, Turn
+from evaluators.vlms.base import VLM, CheckpointError, Turn, check_batch
+from evaluators.vlms.checkpoints import HF_WEIGHTS, parse_dtype, require_files, resolve_folder
 
 MEDIA = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LM_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 EMBED_OUTPUTS = ("pooled", "tokens")
 
@@ -67,39 +66,12 @@ class _PixelGradFlamingo(Flamingo):
             layer.condition_vis_x(latents)
 
 
-def _hub_snapshot(repo: str) -> Path | None:
-    """The local snapshot of a hub id in the Hugging Face cache, never touching the network."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any failure means "not in the cache"
-        return None
-
-
-def _lm_folder(value: str, key: str, needs: Sequence[str], what: str) -> None:
-    """Fail fast, naming ``key``, unless ``value`` is a folder (or a hub id in the local cache) holding ``needs``;
-    nothing is downloaded, ever."""
-    folder = Path(value).expanduser()
-    if not folder.is_dir():
-        looks_like_path = value.startswith((".", "/", "~")) or value.count("/") != 1
-        snapshot = None if looks_like_path else _hub_snapshot(value)
-        if snapshot is None:
-            raise ConfigError(f"{key}={value} is not a folder (nor a hub id in the local Hugging Face cache); "
-                              f"it must hold {what}")
-        folder = snapshot
-    found = [n for n in needs if (folder / n).is_file()]
-    if key.endswith("lang_encoder_path"):
-        if not (folder / "config.json").is_file() or not found:
-            raise ConfigError(f"{key}={value} must hold config.json and the weights ({' or '.join(needs)})")
-        index = folder / found[0]
-        if index.suffix == ".json":
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
-            missing = sorted(s for s in shards if not (folder / s).is_file())
-            if missing:
-                raise ConfigError(f"{key}={value} is incomplete: {index.name} lists {missing[0]}, which is absent")
-    elif not found:
-        raise ConfigError(f"{key}={value} must hold {what} ({' or '.join(needs)})")
+def _check_lm_folders(lang_encoder_path: str, tokenizer_path: str) -> None:
+    """The language-model and tokenizer folders (or cached hub ids) are complete, before anything loads."""
+    lm = resolve_folder(lang_encoder_path, "vlm.lang_encoder_path", "transformers causal LM")
+    require_files(lm, "vlm.lang_encoder_path", [("config", ["config.json"]), ("the weights", HF_WEIGHTS)])
+    tok = resolve_folder(tokenizer_path, "vlm.tokenizer_path", "transformers tokenizer")
+    require_files(tok, "vlm.tokenizer_path", [("a tokenizer", TOKENIZER_FILES)])
 
 
 def _vision_encoder_name(value: str) -> str:
@@ -109,18 +81,18 @@ def _vision_encoder_name(value: str) -> str:
     if value.endswith(".json"):
         path = Path(value).expanduser()
         if not path.is_file():
-            raise ConfigError(f"vlm.clip_vision_encoder_path={value}: no such open_clip model-config file")
+            raise CheckpointError(f"vlm.clip_vision_encoder_path={value}: no such open_clip model-config file")
         try:
             cfg = json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise ConfigError(f"vlm.clip_vision_encoder_path={value} is not valid JSON: {e}") from None
+            raise CheckpointError(f"vlm.clip_vision_encoder_path={value} is not valid JSON: {e}") from None
         if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
-            raise ConfigError(f"vlm.clip_vision_encoder_path={value} must be an open_clip model config with "
+            raise CheckpointError(f"vlm.clip_vision_encoder_path={value} must be an open_clip model config with "
                               "embed_dim, vision_cfg and text_cfg")
         open_clip.add_model_config(path)
         return path.stem
     if value not in open_clip.list_models():
-        raise ConfigError(f"vlm.clip_vision_encoder_path={value} is neither an open_clip model name nor a .json "
+        raise CheckpointError(f"vlm.clip_vision_encoder_path={value} is neither an open_clip model name nor a .json "
                           "model-config file")
     return value
 
@@ -136,13 +108,13 @@ def _vision_weights(name: str, pretrained: str | None) -> None:
         return
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
-        raise ConfigError(f"{key}={pretrained} is neither a weights file nor an open_clip tag of {name} "
+        raise CheckpointError(f"{key}={pretrained} is neither a weights file nor an open_clip tag of {name} "
                           f"(tags: {', '.join(tags) or 'none'})")
     hub = (open_clip.get_pretrained_cfg(name, pretrained).get("hf_hub") or "").strip("/")
     if hub:
         files = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
         if not any(isinstance(try_to_load_from_cache(hub, f), str) for f in files):
-            raise ConfigError(f"{key}={pretrained}: the weights of {name} (hub id {hub}) are not in the local "
+            raise CheckpointError(f"{key}={pretrained}: the weights of {name} (hub id {hub}) are not in the local "
                               "Hugging Face cache; set the key to the weights file instead")
 
 
@@ -151,7 +123,7 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     checkpoint (``model_state_dict``, possibly with DDP's ``module.`` prefix)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"vlm.checkpoint={path}: no such file; it must be OpenFlamingo's checkpoint.pt "
+        raise CheckpointError(f"vlm.checkpoint={path}: no such file; it must be OpenFlamingo's checkpoint.pt "
                           "(e.g. from openflamingo/OpenFlamingo-9B-vitl-mpt7b)")
     try:
         try:
@@ -159,16 +131,16 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated or foreign file
-        raise ConfigError(f"vlm.checkpoint={path} cannot be read as a weights-only torch file: "
+        raise CheckpointError(f"vlm.checkpoint={path} cannot be read as a weights-only torch file: "
                           f"{str(e).splitlines()[0]}") from None
     if isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):
         obj = obj["model_state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"vlm.checkpoint={path} is not a state dict of tensors")
+        raise CheckpointError(f"vlm.checkpoint={path} is not a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     if not any(k.startswith("perceiver.") for k in obj) or not any("gated_cross_attn" in k for k in obj):
-        raise ConfigError(f"vlm.checkpoint={path} has no perceiver or gated cross-attention weights; it must be "
+        raise CheckpointError(f"vlm.checkpoint={path} has no perceiver or gated cross-attention weights; it must be "
                           "an OpenFlamingo checkpoint.pt")
     return obj
 
@@ -180,10 +152,10 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], vision
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:
         detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-        raise ConfigError(f"vlm.checkpoint does not fit the model built from vlm.clip_vision_encoder_path, "
+        raise CheckpointError(f"vlm.checkpoint does not fit the model built from vlm.clip_vision_encoder_path, "
                           f"vlm.lang_encoder_path and vlm.cross_attn_every_n_layers: {detail}") from None
     if result.unexpected_keys:
-        raise ConfigError(f"vlm.checkpoint has {len(result.unexpected_keys)} weights this model lacks, e.g. "
+        raise CheckpointError(f"vlm.checkpoint has {len(result.unexpected_keys)} weights this model lacks, e.g. "
                           f"{result.unexpected_keys[0]}; check vlm.cross_attn_every_n_layers and the encoders")
     tensors = model.state_dict(keep_vars=True)
     loaded = {id(tensors[k]) for k in state}
@@ -192,9 +164,9 @@ def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], vision
         if id(t) in loaded:
             continue  # tied to a loaded weight (e.g. lm_head and the input embeddings)
         if getattr(t, "requires_grad", False):
-            raise ConfigError(f"vlm.checkpoint is incomplete: it lacks the trained weight {key}")
+            raise CheckpointError(f"vlm.checkpoint is incomplete: it lacks the trained weight {key}")
         if key.startswith("vision_encoder.") and not vision_pretrained:
-            raise ConfigError("vlm.checkpoint holds no vision encoder weights, so "
+            raise CheckpointError("vlm.checkpoint holds no vision encoder weights, so "
                               "vlm.clip_vision_encoder_pretrained must name them (an open_clip tag or file)")
 
 
@@ -248,8 +220,7 @@ class OpenFlamingoVLM(VLM):
         model). Every file is checked before anything heavy loads."""
         import open_clip
 
-        if dtype not in DTYPES:
-            raise ConfigError(f"vlm.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        torch_dtype = parse_dtype(dtype, "vlm.dtype")
         if embed not in EMBED_OUTPUTS:
             raise ConfigError(f"vlm.embed must be one of {list(EMBED_OUTPUTS)}, got {embed!r}")
         name = _vision_encoder_name(str(clip_vision_encoder_path))
@@ -258,13 +229,12 @@ class OpenFlamingoVLM(VLM):
             raise ConfigError(f"vlm.resolution={resolution} but the vision encoder {name} takes {size} px")
         pretrained = str(clip_vision_encoder_pretrained) if clip_vision_encoder_pretrained else None
         _vision_weights(name, pretrained)
-        _lm_folder(str(lang_encoder_path), "vlm.lang_encoder_path", LM_WEIGHTS, "a transformers causal LM")
-        _lm_folder(str(tokenizer_path), "vlm.tokenizer_path", TOKENIZER_FILES, "a tokenizer")
+        _check_lm_folders(str(lang_encoder_path), str(tokenizer_path))
         state = _read_checkpoint(str(checkpoint))
         try:
             # fixed seed: the rows that resize_token_embeddings adds to an untied output layer are random and
             # not in the published checkpoint, so a run must draw the same ones every time
-            with _transformers_loading(bool(trust_remote_code), DTYPES[dtype]), torch.random.fork_rng(devices=[]), \
+            with _transformers_loading(bool(trust_remote_code), torch_dtype), torch.random.fork_rng(devices=[]), \
                     contextlib.redirect_stdout(io.StringIO()):
                 torch.manual_seed(0)
                 model, image_processor, tokenizer = of_factory.create_model_and_transforms(
@@ -276,7 +246,7 @@ class OpenFlamingoVLM(VLM):
                                   "runs only with vlm.trust_remote_code=true") from None
             raise
         _load_weights(model, state, vision_pretrained=pretrained is not None)
-        return cls(model.to(DTYPES[dtype]), image_processor, tokenizer, embed=embed).eval().requires_grad_(False)
+        return cls(model.to(torch_dtype), image_processor, tokenizer, embed=embed).eval().requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -288,14 +258,12 @@ class OpenFlamingoVLM(VLM):
         return torch.stack([self._to_unit(im.convert("RGB")) for im in images])
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1:] != (3, self.resolution, self.resolution):
-            raise ValueError(f"expected pixels (B, 3, {self.resolution}, {self.resolution}), got {tuple(x.shape)}")
+        check_batch(x, self.resolution)
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64 (gradient checks)
         return ((x - self.mean.to(x.dtype)) / self.std.to(x.dtype)).to(self.dtype)
 
-    def _vision_x(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        if x.shape[0] != n:
-            raise ValueError(f"{x.shape[0]} images but {n} prompts")
+    def _vision_x(self, x: torch.Tensor, *lists: Sequence[str]) -> torch.Tensor:
+        check_batch(x, self.resolution, *lists)
         return self._normalise(x)[:, None, None]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -326,7 +294,7 @@ class OpenFlamingoVLM(VLM):
     def generate(self, x: torch.Tensor, prompts: Sequence[str], **decoding: object) -> list[str]:
         """Decoded continuation of each prompt (left-padded, as open_flamingo's evaluation does); stops at
         ``<|endofchunk|>``. Decoding keys go to Hugging Face ``generate`` (num_beams, max_new_tokens, ...)."""
-        vision_x = self._vision_x(x, len(prompts))
+        vision_x = self._vision_x(x, prompts)
         ids, mask = self._tokenize(prompts, "left")
         out = self.model.generate(vision_x, ids, attention_mask=mask, pad_token_id=self.tokenizer.pad_token_id,
                                   **{"do_sample": False, **decoding})
@@ -335,9 +303,7 @@ class OpenFlamingoVLM(VLM):
     def loss(self, x: torch.Tensor, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
         """(B,) mean cross-entropy over the tokens of ``target + <|endofchunk|>``, the text tokenised in one
         piece as in training; the prompt's tokens must be a prefix of the whole text's tokens."""
-        if len(targets) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-        vision_x = self._vision_x(x, len(prompts))
+        vision_x = self._vision_x(x, prompts, targets)
         ids, mask = self._tokenize([p + t + END_OF_CHUNK for p, t in zip(prompts, targets, strict=True)], "right")
         is_target = torch.zeros_like(mask, dtype=torch.bool)
         for i, prompt in enumerate(prompts):
