@@ -19,7 +19,7 @@ from PIL import Image
 
 from evaluators.errors import ConfigError, HarnessError
 from evaluators.vlms.base import Turn
-from evaluators.vlms.openflamingo import OpenFlamingoVLM, postprocess
+from evaluators.vlms.openflamingo import OpenFlamingoVLM
 from tests.openflamingo_tiny import TinyFlamingo, build
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -194,12 +194,18 @@ def test_half_precision_agrees_with_fp32(tiny: TinyFlamingo, vlm: OpenFlamingoVL
     assert ((half.embed(x) * vlm.embed(x)).sum(-1) > 0.999).all()
 
 
-def test_postprocess_matches_open_flamingo() -> None:
+def test_configured_postprocess_matches_open_flamingo() -> None:
+    """The openflamingo templates of configs/prompts clean answers exactly as open_flamingo's evaluation."""
+    from evaluators.config import compose_config
+    from evaluators.tasks.prompting import PromptTemplate
+
+    tasks = compose_config(["dataset=shapes"]).dataset.tasks
+    cap = PromptTemplate.from_config(dict(tasks.captioning.prompts.openflamingo), "captioning")
+    vqa = PromptTemplate.from_config(dict(tasks.vqa.prompts.openflamingo), "vqa")
     for raw in [" a red circle Output: two", "a dog\nOutput:", " red Question: what", "blue, green Short",
                 "yes Answer: no", "left, right, up", "plain", 'a "big" dog Output: "x"']:
-        want = postprocess_captioning_generation(raw).replace('"', "").strip()  # open_flamingo's caption clean-up
-        assert postprocess(raw, cut_at=["Output"], remove=['"']) == want
-        assert postprocess(raw, ["Question", "Answer", "Short"], ", ") == postprocess_vqa_generation(raw).strip()
+        assert cap.postprocess(raw) == postprocess_captioning_generation(raw).replace('"', "").strip()
+        assert vqa.postprocess(raw) == postprocess_vqa_generation(raw).strip()
 
 
 def test_language_model_needs_no_remote_code(tiny: TinyFlamingo, tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from unittest import mock
@@ -36,20 +35,6 @@ MEDIA = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 EMBED_OUTPUTS = ("pooled", "tokens")
-
-
-def postprocess(text: str, cut_at: Sequence[str] = (), split_at: str | None = None,
-                remove: Sequence[str] = ()) -> str:
-    """OpenFlamingo's answer clean-up: keep the text before the first of ``cut_at`` (the model runs on into a
-    new "Output:"/"Question:" chunk), then before the first ``split_at``, drop every ``remove`` string (its
-    captions drop '"'); surrounding whitespace is dropped."""
-    if cut_at:
-        text = re.split("|".join(re.escape(c) for c in cut_at), text, maxsplit=1)[0]
-    if split_at:
-        text = text.split(split_at, 1)[0]
-    for r in remove:
-        text = text.replace(r, "")
-    return text.strip()
 
 
 class _PixelGradFlamingo(Flamingo):
