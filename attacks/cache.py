@@ -23,12 +23,9 @@ class AdversarialCache:
         self.hits = self.misses = self.writes = 0
 
     @staticmethod
-    def key(vlm: str, sample_id: str, attack_cfg: dict, seed: int, harness_version: int,
-            defense_cfg: dict | None = None) -> str:
-        """sha256 of the canonical JSON of the fields; ``defense_cfg`` only for adaptive attacks."""
-        fields = {"vlm": vlm, "sample": sample_id, "attack": attack_cfg, "seed": seed, "version": harness_version,
-                  "defense": defense_cfg}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+    def key(material: dict[str, Any]) -> str:
+        """sha256 of the canonical JSON of everything that determines one adversarial image."""
+        return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"

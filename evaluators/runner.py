@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from attacks.base import check_invariants
+from attacks.orchestrate import adversarial_images
 from diffcap.base import Purifier
 from evaluators import results
 from evaluators.config import validate
@@ -266,7 +266,8 @@ def process_batch(h: Harness, name: str, task: Task, index: int, ids: list[str])
     evaluate("clean", x)
     if h.attack is not None:
         tic = time.perf_counter()
-        x_adv, attack_info = adversarial_images(h, name, task, samples, x)
+        x_adv, attack_info = adversarial_images(h.cfg, h.attack, h.cache, h.defense, h.vlm, name, task, samples, x,
+                                                h.run_dir)
         seconds["attack"] = time.perf_counter() - tic
         evaluate("adv", x_adv)
 
@@ -300,62 +301,6 @@ def save_examples(folder: Path, task: str, shown: dict[str, torch.Tensor], n: in
 
 
 # --------------------------------------------------------------------------------------------- attacks
-
-
-def adversarial_images(h: Harness, name: str, task: Task, samples: list[dict],
-                       x: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-    """Adversarial images for a batch, from the cache where possible; checked against the eps-ball and box."""
-    acfg = h.cfg.attack
-    adaptive = bool(acfg.get("adaptive", False))
-    attack_cfg = OmegaConf.to_container(acfg, resolve=True)
-    attack_cfg.pop("from_cache", None)
-    defense_cfg = OmegaConf.to_container(h.cfg.defense, resolve=True) if adaptive else None
-    if defense_cfg is not None:
-        defense_cfg.pop("eval_draws", None)
-    vlm_id = json.dumps(OmegaConf.to_container(h.cfg.vlm, resolve=True), sort_keys=True)
-    keys = [h.cache.key(vlm_id, f"{h.cfg.dataset.name}/{name}/{s['id']}", attack_cfg, int(h.cfg.seed.noise),
-                        int(h.cfg.harness_version), defense_cfg) for s in samples]
-    read = bool(acfg.get("from_cache", True))
-    cached = [h.cache.get(k) if read else None for k in keys]
-    miss = [j for j, c in enumerate(cached) if c is None]
-    x_adv = x.clone()
-    info: list[dict] = [{} for _ in samples]
-    for j, c in enumerate(cached):
-        if c is not None:
-            x_adv[j] = c[0].to(x)
-            info[j] = {**c[1].get("info", {}), "cache": "hit"}
-    if miss:
-        sub = [samples[j] for j in miss]
-        objective = task.objective(h.vlm, sub, acfg.schedule, x_clean=x[miss].detach())
-        xs = x[miss].detach()
-        if adaptive:
-            seeds = [derive_seed(h.cfg.seed.noise, name, s["id"], "attack") for s in sub]
-            x_new, new_info = h.attack(objective, xs, h.defense, seeds)
-        else:
-            x_new, new_info = h.attack(objective, xs)
-        for k, j in enumerate(miss):
-            x_adv[j] = x_new[k].to(x)
-            row = _jsonable(new_info[k]) if isinstance(new_info, list) else {}
-            h.cache.put(keys[j], x_new[k].detach().float().cpu().contiguous(),
-                        {"id": samples[j]["id"], "attack": acfg.name, "eps": acfg.eps, "info": row})
-            info[j] = {**row, "cache": "miss"}
-    eps = float(acfg.eps) / 255.0
-    checks = check_invariants(x_adv, x, eps)
-    for j, c in enumerate(checks):
-        info[j].update({"linf_255": c["linf_255"], "in_box": c["min"] >= 0 and c["max"] <= 1, "invariants_ok": c["ok"]})
-    return x_adv, info
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 # --------------------------------------------------------------------------------------------- reporting
