@@ -75,6 +75,7 @@ class BPDAEOT(Attack):
                 (g,) = torch.autograd.grad(value.sum(), xd)
                 total += value.detach()
                 grad += g.float()
+                del value, g, xd  # nothing of this draw's graph survives into the next
             calls[0] += 1
             return total / self.eot_iter, grad / self.eot_iter
 

@@ -40,6 +40,9 @@ def validate(cfg: DictConfig) -> None:
         reason = cfg[group].get("unavailable")
         if reason:
             raise ConfigError(f"{group}={cfg[group].name} is not available yet: {reason}")
+    from attacks.config import validate_attack
+
+    validate_attack(cfg.attack)
     eps = cfg.attack.get("eps")
     if eps is not None and not 0 < float(eps) <= 64:
         raise ConfigError(f"attack.eps is in 1/255 units and must be in (0, 64], got {eps}")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.base import Objective, Stage
+from attacks.config import ZERO_SHOT_ATTACKS
 from evaluators.datasets.base import SampleSource
 from evaluators.metrics.accuracy import top1
 from evaluators.tasks.base import Task
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 #: RobustVLM's zero-shot protocol (AutoAttack custom ["apgd-ce", "apgd-t"])
 ZERO_SHOT: dict[str, Any] = {"attacks": ["apgd-ce", "apgd-t"], "ce_restarts": 5, "target_classes": 9,
                              "initial_step": 2.0, "random_start": True}
-ZERO_SHOT_ATTACKS = ("apgd-ce", "apgd-t")
 
 
 def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

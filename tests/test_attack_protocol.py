@@ -1,0 +1,122 @@
+"""RobustVLM's zero-shot protocol, the attack config checks, cache keys, and the cache orchestration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from attacks.base import InvariantError, Objective, Stage
+from attacks.cache import AdversarialCache
+from attacks.orchestrate import adversarial_images, key_material
+from evaluators.config import compose_config, validate
+from evaluators.errors import ConfigError
+from evaluators.tasks.classification import ClassificationTask
+
+
+class Classes:
+    """A classification source with ``n`` classes (only what ``objective`` reads)."""
+
+    def __init__(self, n: int):
+        self.classnames = [f"c{i}" for i in range(n)]
+        self.ids = ["0"]
+
+
+def stages(n_classes: int, protocol=None) -> list[Stage]:
+    task = ClassificationTask(Classes(n_classes))
+    return task.objective(None, [{"label": 0}], "single", protocol=protocol).stages
+
+
+def test_zero_shot_default_is_robustvlms_autoattack_custom():
+    got = stages(20)
+    assert [s.name for s in got] == ["apgd-ce"] + [f"apgd-t-{k}" for k in range(1, 10)]
+    ce, targets = got[0], got[1:]
+    assert (ce.restarts, ce.random_start, ce.initial_step, ce.targeted) == (5, True, 2.0, False)
+    assert all((t.restarts, t.random_start, t.initial_step, t.targeted) == (1, True, 2.0, True) for t in targets)
+    assert [t.target for t in targets] == list(range(1, 10))  # the 2nd..10th ranked classes
+    assert [s.name for s in stages(5)] == ["apgd-ce"] + [f"apgd-t-{k}" for k in range(1, 5)]  # min(9, C - 1)
+    assert [s.name for s in stages(2)] == ["apgd-ce"]  # only APGD-CE with <= 2 classes
+    small = stages(20, {"ce_restarts": 1, "target_classes": 3, "random_start": None, "initial_step": None})
+    assert [s.name for s in small] == ["apgd-ce", "apgd-t-1", "apgd-t-2", "apgd-t-3"]
+    assert small[0].restarts == 1 and small[0].random_start is None and small[0].initial_step is None
+    assert [s.name for s in stages(20, {"attacks": ["apgd-ce"]})] == ["apgd-ce"]
+
+
+def test_configs_carry_the_protocols():
+    cfg = compose_config(["attack=apgd"])
+    assert OmegaConf.to_container(cfg.attack.zero_shot) == {"attacks": ["apgd-ce", "apgd-t"], "ce_restarts": 5,
+                                                             "target_classes": 9, "initial_step": 2.0,
+                                                             "random_start": True}
+    assert cfg.attack.steps == 100 and cfg.attack.method.apgd.step_weight == 0.75
+    assert cfg.attack.method.apgd.initial_step == 1.0 and not cfg.attack.method.apgd.random_start  # RobustVLM VQA
+    bpda = compose_config(["attack=bpda_eot", "defense=diffpure"])
+    assert bpda.attack.method.verdict == "any_iterate"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["attack=bpda_eot", "attack.schedule=ensemble"], "attack.schedule=ensemble is not supported"),
+    (["attack=bpda_eot", "attack.zero_shot.ce_restarts=5"], "attack.zero_shot.ce_restarts=1"),
+    (["attack=bpda_eot", "attack.verdict=sometimes"], "attack.verdict must be"),
+    (["attack=bpda_eot", "attack.verdict_draws=0"], "attack.verdict_draws must be >= 1"),
+    (["attack=apgd", "attack.schedule=twice"], "attack.schedule must be one of"),
+    (["attack=apgd", "attack.zero_shot.attacks=[fab]"], "attack.zero_shot.attacks must be"),
+])
+def test_attack_config_errors_are_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        validate(compose_config([*overrides, "defense=diffpure"]))
+    assert "\n" not in str(e.value)
+
+
+def test_cache_key_material():
+    base = compose_config(["attack=bpda_eot", "defense=diffpure"])
+    key = AdversarialCache.key(key_material(base, "classification", "7", adaptive=True))
+
+    def k(overrides, adaptive=True, task="classification", sid="7"):
+        return AdversarialCache.key(key_material(compose_config(["attack=bpda_eot", "defense=diffpure", *overrides]),
+                                                 task, sid, adaptive))
+
+    # the verdict draws of the run's evaluation do not change the images; everything else does
+    assert k(["attack.eval_draws=3"]) == key and k(["attack.from_cache=false"]) == key
+    assert k(["defense.eval_draws=3"]) == key
+    changed = [k(["attack.verdict_draws=3"]), k(["attack.verdict=final"]), k(["attack.steps=7"]),
+               k(["attack.eot_iter=2"]), k(["seed.noise=1"]), k(["defense.t_star=0.2"]), k([], sid="8"),
+               k([], task="vqa"), k(["harness_version=2"]), k(["attack.eps=2"])]
+    assert len(set(changed)) == len(changed) and key not in changed
+    grey = compose_config(["attack=apgd", "defense=diffpure"])
+    grey2 = compose_config(["attack=apgd", "defense=diffcap"])
+    assert AdversarialCache.key(key_material(grey, "vqa", "1", False)) == AdversarialCache.key(
+        key_material(grey2, "vqa", "1", False))  # grey-box images are shared across defenses
+    assert AdversarialCache.key(key_material(grey, "vqa", "1", False)) != AdversarialCache.key(
+        key_material(compose_config(["attack=apgd", "attack.zero_shot.ce_restarts=2"]), "vqa", "1", False))
+
+
+class FixedTask:
+    def __init__(self, stage_loss):
+        self.loss = stage_loss
+
+    def objective(self, vlm, batch, schedule, x_clean=None, protocol=None):
+        return Objective([Stage("s", self.loss)], score=lambda v, i: -self.loss(v, i))
+
+
+def test_orchestration_caches_and_stops_on_a_corrupted_cached_image(tmp_path):
+    cfg = compose_config(["attack=apgd", "attack.steps=2"])
+    attack = instantiate(cfg.attack.method)
+    cache = AdversarialCache(tmp_path / "cache")
+    x = torch.rand(2, 3, 8, 8) * 0.5 + 0.25
+    samples = [{"id": "a"}, {"id": "b"}]
+    task = FixedTask(lambda v, i: v.flatten(1).sum(1))
+    x_adv, info = adversarial_images(cfg, attack, cache, None, None, "t", task, samples, x, tmp_path)
+    assert [i["cache"] for i in info] == ["miss", "miss"] and all(i["invariants_ok"] for i in info)
+    assert not torch.equal(x_adv, x)
+    x_again, info = adversarial_images(cfg, attack, cache, None, None, "t", task, samples, x, tmp_path)
+    assert [i["cache"] for i in info] == ["hit", "hit"] and torch.equal(x_again, x_adv)
+    # a cached image outside the ball (e.g. a file from another eps) stops the run and is reported
+    key = cache.key(key_material(cfg, "t", "b", False))
+    cache.put(key, (x[1] + 0.2).clamp(0, 1), {"info": {}})
+    with pytest.raises(InvariantError, match="samples: b"):
+        adversarial_images(cfg, attack, cache, None, None, "t", task, samples, x, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "invariant_violations.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["ok"]) for r in rows] == [("b", False)] and rows[0]["linf_255"] > 4
