@@ -32,17 +32,17 @@ def stages(n_classes: int, protocol=None) -> list[Stage]:
 
 def test_zero_shot_default_is_robustvlms_autoattack_custom():
     got = stages(20)
-    assert [s.name for s in got] == ["apgd-ce"] + [f"apgd-t-{k}" for k in range(1, 10)]
+    assert [s.name for s in got] == ["ce"] + [f"dlr-target-{k}" for k in range(2, 11)]
     ce, targets = got[0], got[1:]
     assert (ce.restarts, ce.random_start, ce.initial_step, ce.targeted) == (5, True, 2.0, False)
     assert all((t.restarts, t.random_start, t.initial_step, t.targeted) == (1, True, 2.0, True) for t in targets)
     assert [t.target for t in targets] == list(range(1, 10))  # the 2nd..10th ranked classes
-    assert [s.name for s in stages(5)] == ["apgd-ce"] + [f"apgd-t-{k}" for k in range(1, 5)]  # min(9, C - 1)
-    assert [s.name for s in stages(2)] == ["apgd-ce"]  # only APGD-CE with <= 2 classes
+    assert [s.name for s in stages(5)] == ["ce"] + [f"dlr-target-{k}" for k in range(2, 6)]  # min(9, C - 1)
+    assert [s.name for s in stages(2)] == ["ce"]  # only APGD-CE with <= 2 classes
     small = stages(20, {"ce_restarts": 1, "target_classes": 3, "random_start": None, "initial_step": None})
-    assert [s.name for s in small] == ["apgd-ce", "apgd-t-1", "apgd-t-2", "apgd-t-3"]
+    assert [s.name for s in small] == ["ce", "dlr-target-2", "dlr-target-3", "dlr-target-4"]
     assert small[0].restarts == 1 and small[0].random_start is None and small[0].initial_step is None
-    assert [s.name for s in stages(20, {"attacks": ["apgd-ce"]})] == ["apgd-ce"]
+    assert [s.name for s in stages(20, {"attacks": ["apgd-ce"]})] == ["ce"]
 
 
 def test_configs_carry_the_protocols():

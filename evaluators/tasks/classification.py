@@ -146,9 +146,9 @@ class ClassificationTask(Task):
         run = {"initial_step": proto["initial_step"], "random_start": proto["random_start"]}
         stages = []
         if "apgd-ce" in proto["attacks"]:
-            stages.append(Stage("apgd-ce", ce, restarts=int(proto["ce_restarts"]), **run))
+            stages.append(Stage("ce", ce, restarts=int(proto["ce_restarts"]), **run))
         if "apgd-t" in proto["attacks"] and len(self.classnames) > 2:
-            stages += [Stage(f"apgd-t-{k}", dlr_target(k), targeted=True, target=k, **run)
+            stages += [Stage(f"dlr-target-{k + 1}", dlr_target(k), targeted=True, target=k, **run)
                        for k in range(1, n_targets + 1)]
         if not stages:
             raise ValueError(f"attack.zero_shot.attacks={list(proto['attacks'])} leaves no stage for "
