@@ -195,3 +195,30 @@ def test_zero_gradient_and_out_of_range_inputs_warn(caplog):
 def test_eps_out_of_range_is_a_clear_error():
     with pytest.raises(ValueError, match="attack.eps is in 1/255 units"):
         APGD(eps=100 / 255)
+
+
+@pytest.mark.parametrize("losses, halved_after", [
+    # 10 steps: checks after iterations 2, 3, ..., 10 (windows 2, then 1). Window 2 halves with <= 1 rise of 2
+    # (rho 0.75: 1.5); a window of 1 halves without a rise; the stall rule halves where the previous check
+    # did not halve and the best loss did not improve since.
+    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], []),  # always rising: never halved
+    ([0, 1, 0.5, 2, 3, 4, 5, 6, 7, 8, 9], [2]),  # one rise in the first window: halved at 2
+    # a fall then a rise halves at 2; at 4 the stall rule (no halving at 3, best still 5) halves; 5 not (halved at 4)
+    ([5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [2, 4]),
+    ([0, 1, 2, 3, 2.5, 4, 5, 6, 7, 8, 9], [4]),  # a fall in a window of one
+])
+def test_step_halving_rules_on_scripted_losses(losses, halved_after):
+    """Loss values scripted per call (zero gradient: the iterate stays put), so only the rules decide."""
+    calls = [0]
+
+    def scripted(v, idx):
+        value = torch.full((v.shape[0],), float(losses[calls[0]])) + 0 * v.flatten(1).sum(1)
+        calls[0] += 1
+        return value
+
+    trace: dict = {}
+    APGD(eps=4 / 255, steps=10, initial_step=2.0).perturb(scripted, torch.full((1, 3, 2, 2), 0.5), trace=trace)
+    steps = [float(s[0]) for s in trace["step"]]
+    # trace["step"][k] is the step used to reach iterate k; a halving after iteration m shows from k = m + 1
+    got = [k - 1 for k in range(2, 11) if steps[k] < steps[k - 1]]
+    assert got == halved_after, steps

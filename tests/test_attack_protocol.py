@@ -120,3 +120,14 @@ def test_orchestration_caches_and_stops_on_a_corrupted_cached_image(tmp_path):
         adversarial_images(cfg, attack, cache, None, None, "t", task, samples, x, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "invariant_violations.jsonl").read_text().splitlines()]
     assert [(r["id"], r["ok"]) for r in rows] == [("b", False)] and rows[0]["linf_255"] > 4
+
+
+def test_classification_verdict_averages_logits_over_draws():
+    """DiffPure's verdict: logits averaged over the draws, then top-1 (not the mean of per-draw top-1)."""
+    task = ClassificationTask(Classes(2))
+    task.logits = lambda vlm, x: torch.stack([x.flatten(1)[:, 0], x.flatten(1)[:, 1]], 1)  # logits = 2 pixels
+    objective = task.objective(None, [{"label": 0}], "single")
+    a = torch.tensor([2.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)  # class 0 (correct) by 2
+    b = torch.tensor([0.0, 1.0, 0.0, 0.0]).view(1, 1, 2, 2)  # class 1 by 1
+    assert objective.verdict([a, b], torch.arange(1)).tolist() == [1.0]  # mean logits [1, 0.5]: correct
+    assert objective.verdict([b, b, a], torch.arange(1)).tolist() == [0.0]
