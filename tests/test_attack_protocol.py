@@ -130,4 +130,4 @@ def test_classification_verdict_averages_logits_over_draws():
     a = torch.tensor([2.0, 0.0, 0.0, 0.0]).view(1, 1, 2, 2)  # class 0 (correct) by 2
     b = torch.tensor([0.0, 1.0, 0.0, 0.0]).view(1, 1, 2, 2)  # class 1 by 1
     assert objective.verdict([a, b], torch.arange(1)).tolist() == [1.0]  # mean logits [1, 0.5]: correct
-    assert objective.verdict([b, b, a], torch.arange(1)).tolist() == [0.0]
+    assert objective.verdict([b, b, b, a], torch.arange(1)).tolist() == [0.0]  # mean logits [0.5, 0.75]
