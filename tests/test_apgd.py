@@ -29,7 +29,7 @@ def make_classifier(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tenso
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(150):
         x, y = sample(64)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -197,17 +197,19 @@ def test_eps_out_of_range_is_a_clear_error():
         APGD(eps=100 / 255)
 
 
-@pytest.mark.parametrize("losses, halved_after", [
+@pytest.mark.parametrize("steps, losses, upto, halved_after", [
     # 10 steps: checks after iterations 2, 3, ..., 10 (windows 2, then 1). Window 2 halves with <= 1 rise of 2
     # (rho 0.75: 1.5); a window of 1 halves without a rise; the stall rule halves where the previous check
     # did not halve and the best loss did not improve since.
-    ([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], []),  # always rising: never halved
-    ([0, 1, 0.5, 2, 3, 4, 5, 6, 7, 8, 9], [2]),  # one rise in the first window: halved at 2
-    # a fall then a rise halves at 2; at 4 the stall rule (no halving at 3, best still 5) halves; 5 not (halved at 4)
-    ([5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [2, 4]),
-    ([0, 1, 2, 3, 2.5, 4, 5, 6, 7, 8, 9], [4]),  # a fall in a window of one
+    (10, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 10, []),  # always rising: never halved
+    (10, [0, 1, 0.5, 2, 3, 4, 5, 6, 7, 8, 9], 10, [2]),  # one rise in the first window: halved at 2
+    # a fall then a rise halves at 2; at 4 the stall rule (no halving at 3, best still 5) halves; not at 5
+    (10, [5, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 10, [2, 4]),
+    (10, [0, 1, 2, 3, 2.5, 4, 5, 6, 7, 8, 9], 10, [4]),  # a fall in a window of one (rises reset per window)
+    (20, [0, 1, 2, 3, 2.5] + list(range(4, 20)), 4, [4]),  # 3 rises of 4 = rho * 4: halved (<=, not <)
+    (25, [5, 1, 2, 3, 4, 4.5] + list(range(6, 26)), 5, []),  # no stall rule at the first check
 ])
-def test_step_halving_rules_on_scripted_losses(losses, halved_after):
+def test_step_halving_rules_on_scripted_losses(steps, losses, upto, halved_after):
     """Loss values scripted per call (zero gradient: the iterate stays put), so only the rules decide."""
     calls = [0]
 
@@ -217,8 +219,8 @@ def test_step_halving_rules_on_scripted_losses(losses, halved_after):
         return value
 
     trace: dict = {}
-    APGD(eps=4 / 255, steps=10, initial_step=2.0).perturb(scripted, torch.full((1, 3, 2, 2), 0.5), trace=trace)
-    steps = [float(s[0]) for s in trace["step"]]
+    APGD(eps=4 / 255, steps=steps, initial_step=2.0).perturb(scripted, torch.full((1, 3, 2, 2), 0.5), trace=trace)
+    sizes = [float(s[0]) for s in trace["step"]]
     # trace["step"][k] is the step used to reach iterate k; a halving after iteration m shows from k = m + 1
-    got = [k - 1 for k in range(2, 11) if steps[k] < steps[k - 1]]
-    assert got == halved_after, steps
+    got = [k - 1 for k in range(2, min(upto + 2, steps + 1)) if sizes[k] < sizes[k - 1]]
+    assert got == halved_after, sizes
