@@ -284,7 +284,6 @@ def test_bpda_eot_moves_the_image_and_warns_on_single_draw(caplog):
 
 def test_verdict_judges_every_iterate_with_fresh_draws_and_any_break_counts():
     x = torch.rand(2, 3, 8, 8) * 0.5 + 0.25
-    iterates: list = []
 
     def loss(v, idx):
         return (v * torch.linspace(-1, 1, v[0].numel()).view(v[0].shape)).flatten(1).sum(1)
@@ -294,7 +293,6 @@ def test_verdict_judges_every_iterate_with_fresh_draws_and_any_break_counts():
     def judge(draws, idx):
         judged.append([d.clone() for d in draws])
         k = len(judged) - 1  # the k-th judged iterate (k = 0 is the start)
-        iterates.append(None)
         return torch.tensor([0.0 if (k == 2 and int(i) == 0) else 1.0 for i in idx])
 
     purifier = NoisyBlur()
