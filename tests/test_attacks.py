@@ -318,8 +318,8 @@ def test_verdict_judges_every_iterate_with_fresh_draws_and_any_break_counts():
     assert len(judged) == 5 and all(len(d) == 3 for d in judged)
     assert [i["broken"] for i in info] == [True, False] and info[0]["broken_at"] == 2
     assert torch.equal(x_adv[0], seen[2][0])  # the breaking iterate is returned
-    draws = [d for batch in judged for d in batch]
-    assert len({float(d[0].flatten()[0]) for d in draws}) == len(draws)  # fresh draws everywhere
+    # fresh noise for every purification: verdict draws of every iterate and the EOT draws
+    assert len(purifier.first_draws) == 5 * 3 + 5 and len(set(purifier.first_draws)) == len(purifier.first_draws)
     # the final-iterate verdict judges nothing during the attack
     judged.clear()
     x_fin, info_fin = BPDAEOT(APGD(eps=EPS, steps=4, initial_step=0.25), eot_iter=1, verdict="final")(
