@@ -208,6 +208,8 @@ def test_eps_out_of_range_is_a_clear_error():
     (10, [0, 1, 2, 3, 2.5, 4, 5, 6, 7, 8, 9], 10, [4]),  # a fall in a window of one (rises reset per window)
     (20, [0, 1, 2, 3, 2.5] + list(range(4, 20)), 4, [4]),  # 3 rises of 4 = rho * 4: halved (<=, not <)
     (25, [5, 1, 2, 3, 4, 4.5] + list(range(6, 26)), 5, []),  # no stall rule at the first check
+    # windows 4, 3: 4 rises, then 2 of 3 with a new best: halved at 7 by the rise count alone (counted per window)
+    (20, [0, 1, 2, 3, 4, 5, 4.5, 6] + list(range(7, 20)), 7, [7]),
 ])
 def test_step_halving_rules_on_scripted_losses(steps, losses, upto, halved_after):
     """Loss values scripted per call (zero gradient: the iterate stays put), so only the rules decide."""
