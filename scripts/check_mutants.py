@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=600, help="seconds per mutant's test run")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "mutants")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a kill still restores the mutated file (finally)
     files = args.files or sorted((ROOT / "tests" / "mutants").glob("*.yaml"))
     if not files:
         print("error: no mutant files (tests/mutants/*.yaml)", file=sys.stderr)
@@ -104,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     survived = 0
     for f, mutants in plans:
         chosen = [m for m in mutants if args.only is None or m["name"] in args.only]
-        rows = []
+        rows: list[dict] = []
+        args.out.mkdir(parents=True, exist_ok=True)
+        report = args.out / f"{f.stem}.json"
         for m in chosen:
             try:
                 row = run_mutant(m, args.timeout)
@@ -113,14 +117,17 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             rows.append(row)
             print(f"{row['status']:<9} {row['name']:<40} {row['seconds']:>7.1f}s  {row['last_line'][:70]}", flush=True)
+            # rewritten after every mutant, so an interrupted run keeps what it measured
+            report.write_text(json.dumps({"file": _relative(f), "rows": rows}, indent=1) + "\n")
         survived += sum(r["status"] != "caught" for r in rows)
         caught = sum(r["status"] == "caught" for r in rows)
         print(f"{f.name}: {caught} of {len(rows)} mutants caught\n")
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{f.stem}.json").write_text(json.dumps({"file": str(f.relative_to(ROOT)) if f.is_absolute()
-                                                              and f.is_relative_to(ROOT) else str(f),
-                                                              "rows": rows}, indent=1) + "\n")
     return 1 if survived else 0
+
+
+def _relative(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 if __name__ == "__main__":
