@@ -1,34 +1,44 @@
-"""Entry point: ``python run.py vlm=tiny dataset=shapes attack=apgd defense=diffcap`` (see README.md)."""
+"""Entry point: ``python run.py vlm=tiny dataset=shapes attack=apgd defense=diffcap`` (see README.md).
+
+Bad input of any kind ends the process with one line ``error: ...`` naming what to fix and exit status 2: the
+overrides are composed and validated once before Hydra starts (so a typo creates no run folder), and the run's own
+errors go through the harness's one handler (``evaluators.errors``).
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from evaluators.config import register_resolvers
+from evaluators.config import compose_config, register_resolvers
+from evaluators.errors import report
 
 register_resolvers()
-log = logging.getLogger("run")
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
 def main(cfg: DictConfig) -> None:
     from evaluators.runner import run
-    from evaluators.user_errors import user_error
 
     try:
         run(cfg)
-    except Exception as e:
-        cause = user_error(e)
-        if cause is None:
-            raise
-        log.error("%s", cause)
-        print(f"error: {cause}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:  # noqa: BLE001 (report() re-raises what is not a user error)
+        sys.exit(report(e))
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose and validate a single run's overrides before Hydra creates its run folder. Multiruns and Hydra's own
+    flags (--help, --cfg, ...) are left to Hydra; each job of a multirun is validated when it starts."""
+    if any(a.startswith("-") for a in argv):
+        return
+    try:
+        compose_config([a for a in argv if not a.lstrip("+~").startswith("hydra")])
+    except Exception as e:  # noqa: BLE001
+        sys.exit(report(e))
 
 
 if __name__ == "__main__":
+    precheck(sys.argv[1:])
     main()

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from diffcap.base import Purifier
+from evaluators.errors import InvariantError
 
 #: loss(x, index) -> per-sample loss (len(index),) to MAXIMISE; ``x`` holds the images of the batch rows
 #: listed in ``index`` (a LongTensor into the batch), so a task can slice its per-sample targets.
@@ -66,10 +67,6 @@ class Objective:
         if self.judge is not None:
             return self.judge(draws, index)
         return torch.stack([self.score(d, index).float() for d in draws]).mean(0)
-
-
-class InvariantError(RuntimeError):
-    """An adversarial image left its eps-ball or the [0, 1] box."""
 
 
 def check_invariants(x_adv: torch.Tensor, x: torch.Tensor, eps: float, tol: float = 1e-6) -> list[dict]:

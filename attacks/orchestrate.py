@@ -6,43 +6,62 @@ violation writes the offending rows to ``invariant_violations.jsonl`` in the run
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from attacks.base import Attack, check_invariants, enforce_invariants
-from attacks.cache import AdversarialCache
-from diffcap.base import Purifier
-from evaluators.seeding import derive_seed
+from attacks.base import check_invariants, enforce_invariants
+from evaluators.fingerprints import fingerprint_run
+from evaluators.run_folder import without_places
+from evaluators.seeding import derive_seed, select_subset
+from evaluators.tasks.base import Task
 
-#: attack config keys that do not change the adversarial images (verdict draws of the run's evaluation)
-KEY_FREE = ("from_cache", "eval_draws")
+if TYPE_CHECKING:
+    from evaluators.runner import Harness
 
 
-def key_material(cfg: DictConfig, task: str, sample_id: str, adaptive: bool) -> dict[str, Any]:
-    """Everything that determines one sample's adversarial image; hashed by ``AdversarialCache.key``."""
-    attack = OmegaConf.to_container(cfg.attack, resolve=True)
-    for k in KEY_FREE:
-        attack.pop(k, None)
-    defense = None
+
+def key_material(h: Harness, name: str, task: Task, adaptive: bool) -> dict[str, Any]:
+    """What an adversarial image depends on besides its pixels (see attacks/cache.py); no paths, so a moved
+    checkpoint or data set still hits, and changed weights miss. ``AdversarialCache.key`` drops the keys that
+    only change how images are judged (``attack.eval_draws``, ``attack.from_cache``)."""
+    # a Harness built outside build() (scripts) has none yet: fingerprint the weights now (cached, so cheap)
+    weights = (h.fingerprints or fingerprint_run(h.cfg, []))["weights"]
+    task_cfg = OmegaConf.to_container(h.cfg.dataset.tasks[name], resolve=True)
+    material: dict[str, Any] = {
+        "weights": {k: v for k, v in weights.items() if k.startswith("vlm")},
+        "vlm": without_places(OmegaConf.to_container(h.cfg.vlm, resolve=True)),
+        "task": without_places(task_cfg),
+        "attack": OmegaConf.to_container(h.cfg.attack, resolve=True),
+        "seed": int(h.cfg.seed.noise), "harness_version": int(h.cfg.harness_version),
+    }
+    if type(task).prepare is not Task.prepare:  # the metric depends on the evaluated subset (CIDEr's idf)
+        ids = h.subsets.get(name) or select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+        material["subset"] = hashlib.sha256("\x1f".join(ids).encode()).hexdigest()
     if adaptive:
-        defense = OmegaConf.to_container(cfg.defense, resolve=True)
+        defense = OmegaConf.to_container(h.cfg.defense, resolve=True)
         defense.pop("eval_draws", None)
-    return {"vlm": OmegaConf.to_container(cfg.vlm, resolve=True), "sample": f"{cfg.dataset.name}/{task}/{sample_id}",
-            "attack": attack, "seed": int(cfg.seed.noise), "version": int(cfg.harness_version), "defense": defense}
+        material["defense"] = {"config": without_places(defense), "weights": weights}
+    return material
 
 
-def adversarial_images(cfg: DictConfig, attack: Attack, cache: AdversarialCache, defense: Purifier | None,
-                       vlm: Any, task_name: str, task: Any, samples: list[dict], x: torch.Tensor,
-                       run_dir: Path) -> tuple[torch.Tensor, list[dict]]:
+def pixels_hash(x: torch.Tensor) -> str:
+    t = x.detach().float().cpu().contiguous()
+    return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
+
+
+def adversarial_images(h: Harness, name: str, task: Task, samples: list[dict],
+                       x: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
     """Adversarial images for a batch and one info dict per sample (attack info, cache hit/miss, L-inf)."""
-    acfg = cfg.attack
-    keys = [cache.key(key_material(cfg, task_name, s["id"], attack.adaptive)) for s in samples]
+    acfg, attack, cache = h.cfg.attack, h.attack, h.cache
+    material = key_material(h, name, task, attack.adaptive)  # the one place keys are built
+    keys = [cache.key({**material, "image": pixels_hash(x[j])}) for j in range(len(samples))]
     read = bool(acfg.get("from_cache", True))
-    cached = [cache.get(k) if read else None for k in keys]
+    cached = [cache.get(k, like=x[j]) if read else None for j, k in enumerate(keys)]
     miss = [j for j, c in enumerate(cached) if c is None]
     x_adv = x.clone()
     info: list[dict] = [{} for _ in samples]
@@ -52,14 +71,14 @@ def adversarial_images(cfg: DictConfig, attack: Attack, cache: AdversarialCache,
             info[j] = {**c[1].get("info", {}), "cache": "hit"}
     eps = float(acfg.eps) / 255.0
     rows = check_invariants(x_adv, x, eps)  # cached images are checked like fresh ones
-    _stop_on_violation(rows, eps, samples, run_dir, task_name)
+    _stop_on_violation(rows, eps, samples, h.run_dir, name)
     if miss:
         sub = [samples[j] for j in miss]
         protocol = acfg.get("zero_shot")
-        objective = task.objective(vlm, sub, acfg.schedule, x_clean=x[miss].detach(),
+        objective = task.objective(h.vlm, sub, acfg.schedule, x_clean=x[miss].detach(),
                                    protocol=None if protocol is None else OmegaConf.to_container(protocol))
-        seeds = [derive_seed(cfg.seed.noise, task_name, s["id"], "attack") for s in sub]
-        x_new, new_info = attack(objective, x[miss].detach(), seeds, defense if attack.adaptive else None)
+        seeds = [derive_seed(h.cfg.seed.noise, name, s["id"], "attack") for s in sub]
+        x_new, new_info = attack(objective, x[miss].detach(), seeds, h.defense if attack.adaptive else None)
         for k, j in enumerate(miss):
             x_adv[j] = x_new[k].to(x)
             row = _jsonable(new_info[k])

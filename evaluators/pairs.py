@@ -11,6 +11,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from evaluators.errors import DataError
 from evaluators.runner import Harness, adversarial_images, load_images
 from evaluators.seeding import select_subset
 from evaluators.tasks.base import Task
@@ -43,7 +44,8 @@ def clean_and_adversarial(cfg: DictConfig, task_name: str) -> Pairs:
     samples = [task.source.get(i) for i in ids]
     images, errors = load_images([s["image_path"] for s in samples])
     if any(errors):
-        raise RuntimeError(f"unreadable images: {[e for e in errors if e]}")
+        raise DataError(f"{sum(e is not None for e in errors)} of {len(errors)} images cannot be read (e.g. "
+                        f"{next(e for e in errors if e)}); fix the data")
     x = vlm.to_pixels(images)
     h = Harness(cfg=cfg, run_dir=Path(cfg.paths.output_dir), vlm=vlm, tasks={task_name: task},
                 attack=instantiate(cfg.attack.method),

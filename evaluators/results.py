@@ -23,23 +23,45 @@ def manifest_path(run_dir: Path, task: str) -> Path:
     return run_dir / f"manifest_{task}.json"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file that is fsync'd and renamed, so a kill never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def _valid(record: Any) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("task"), str) and isinstance(record.get("id"), str)
+            and isinstance(record.get("batch"), int) and record.get("status") in ("ok", "error"))
 
 
 def read_records(path: Path) -> list[dict]:
-    """All complete JSON lines; a torn last line (killed mid-write) is skipped."""
+    """All complete, well-formed records; a torn or damaged line is skipped with a warning naming it (its batch
+    then counts as unfinished and is recomputed on resume)."""
     if not path.exists():
         return []
     records = []
-    with path.open() as f:
-        for line in f:
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                log.warning("skipping a torn line in %s (the run was interrupted while writing)", path)
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = None
+            if _valid(record):
+                records.append(record)
+            elif raw.strip():
+                log.warning("skipping a damaged line %d of %s (torn by an interrupted write, or edited)", n, path)
     return records
 
 
@@ -58,8 +80,9 @@ class RecordWriter:
 
 
 def completed_batches(run_dir: Path, task: str, expected: dict[int, int]) -> set[int]:
-    """Indices of ``task``'s batches whose records are all on disk; rewrites samples.jsonl without the
-    records of that task's partial batches (other tasks' records are kept as they are).
+    """Indices of ``task``'s batches whose records are all on disk and ok; rewrites samples.jsonl without the
+    records of that task's other batches (partial, or with samples that failed to load: those are retried),
+    keeping other tasks' records as they are.
 
     ``expected`` maps a batch index to the number of samples in that batch.
     """
@@ -68,18 +91,16 @@ def completed_batches(run_dir: Path, task: str, expected: dict[int, int]) -> set
     by_batch: dict[int, set[str]] = defaultdict(set)
     for r in records:
         if r["task"] == task:
-            by_batch[int(r["batch"])].add(r["id"])
-    done = {b for b, ids in by_batch.items() if expected.get(b) == len(ids)}
+            by_batch[int(r["batch"])].add(r["id"] if r["status"] == "ok" else "\x00error")
+    done = {b for b, ids in by_batch.items() if expected.get(b) == len(ids) and "\x00error" not in ids}
     keep = [r for r in records if r["task"] != task or int(r["batch"]) in done]
-    if len(keep) != len(records) or (path.exists() and _has_torn_line(path)):
+    if len(keep) != len(records) or (path.exists() and _n_lines(path) != len(records)):
         dropped = len(records) - len(keep)
         log.info("resume: dropping %d records of unfinished batches; they are recomputed", dropped)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in keep))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps(r, default=str) + "\n" for r in keep))
     return done
 
 
-def _has_torn_line(path: Path) -> bool:
-    data = path.read_bytes()
-    return bool(data) and not data.endswith(b"\n")
+def _n_lines(path: Path) -> int:
+    """Non-empty lines of a file, a torn last one included."""
+    return sum(1 for line in path.read_bytes().splitlines() if line.strip())

@@ -6,25 +6,25 @@ both again after purification (over ``defense.eval_draws`` purification draws). 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-from PIL import Image
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from attacks.orchestrate import adversarial_images
 from diffcap.base import Purifier
-from evaluators import results
-from evaluators.config import validate
-from evaluators.errors import ConfigError
+from evaluators import results, run_folder
+from evaluators.config import select_tasks, validate
+from evaluators.errors import ConfigError, DataError, HarnessError
+from evaluators.fingerprints import annotation_paths, checkpoint_paths, fingerprint_run
+from evaluators.images import load_images
+from evaluators.run_folder import RUN_CONFIG, without_places  # noqa: F401 (scripts read RUN_CONFIG here)
 from evaluators.seeding import derive_seed, generators, select_subset
 from evaluators.summary import summarise, write_summary
 from evaluators.tasks.base import Task
@@ -32,9 +32,6 @@ from evaluators.vlms.base import VLMAdapter
 
 log = logging.getLogger(__name__)
 
-#: Config keys that do not change results; a run directory may be resumed with other values for them.
-RESUME_FREE_KEYS = ("resume", "device", "logger", "paths", "torch_threads")
-RUN_CONFIG = "run_config.json"
 
 
 @dataclass
@@ -49,6 +46,10 @@ class Harness:
     attack: Any = None
     cache: Any = None
     stats: dict[str, float] = field(default_factory=dict)
+    #: {"weights": {config key: {file: sha256}}, "data": {task.key: sha256}}, see evaluators.fingerprints
+    fingerprints: dict[str, Any] = field(default_factory=dict)
+    #: the evaluated ids of each task (set by run_task; part of the cache key where the metric depends on them)
+    subsets: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def eval_draws(self) -> int:
@@ -59,15 +60,34 @@ class Harness:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run (or resume) the experiment described by ``cfg``; returns the summary dict."""
+    """Run (or resume) the experiment described by ``cfg``; returns the summary dict.
+
+    Order matters for trust: every config value is checked before anything loads; the run folder is locked and
+    its previous config compared; data and weights are fingerprinted (and compared) before any model loads;
+    ``run_config.json`` and ``.hydra/`` are written only once all of that has succeeded."""
     validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    check_resumable(run_dir, cfg)
-    harness = build(cfg, run_dir)
-    tracker = instantiate_tracker(cfg)
-    for name, task in harness.tasks.items():
-        run_task(harness, name, task)
+    with run_folder.locked(run_dir):
+        previous = run_folder.read_run_config(run_dir)
+        run_folder.check_resumable(run_dir, cfg, previous)
+        harness = build(cfg, run_dir, previous)
+        run_folder.write_run_config(run_dir, cfg, harness.fingerprints)
+        run_folder.save_hydra_record(run_dir, cfg)
+        tracker = instantiate_tracker(cfg)
+        for name, task in harness.tasks.items():
+            run_task(harness, name, task)
+        return finish(harness, tracker)
+
+
+def finish(harness: Harness, tracker: Any) -> dict:
+    """summary.json and the table; a task none of whose samples could be evaluated is an error instead."""
+    run_dir = harness.run_dir
+    records = results.read_records(run_dir / results.SAMPLES)
+    for name in harness.tasks:
+        errors = [r for r in records if r["task"] == name and r["status"] != "ok"]
+        if errors and not any(r["task"] == name and r["status"] == "ok" for r in records):
+            raise DataError(f"task {name}: none of its {len(errors)} samples could be used (e.g. {errors[0]['error']});"
+                            " fix the data, or leave the task out with tasks=[...]")
     summary = summarise(run_dir, harness.cfg, harness.tasks, extra=run_info(harness))
     write_summary(run_dir, summary)
     log.info("results: %s", run_dir)
@@ -77,19 +97,26 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-def build(cfg: DictConfig, run_dir: Path) -> Harness:
+def build(cfg: DictConfig, run_dir: Path, previous: dict | None = None) -> Harness:
+    """Data, fingerprints (compared with ``previous``, the folder's run_config), then the models."""
+    from evaluators.config import vlm_tasks
+
     device = torch.device(cfg.device)
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
-    if "captioning" in (cfg.get("tasks") or cfg.dataset.tasks):
+    names = select_tasks(cfg, vlm_tasks(cfg))
+    if "captioning" in names:
         from evaluators.metrics.cider import check_java
 
         check_java()  # before any model is loaded: CIDEr's tokenizer needs Java
     if cfg.dataset.get("prepare") is not None:
         instantiate(cfg.dataset.prepare)
+    fingerprints = fingerprint_run(cfg, names)
+    run_folder.check_fingerprints(run_dir, previous, fingerprints,
+                                  {**checkpoint_paths(cfg), **annotation_paths(cfg, names)})
     vlm: VLMAdapter = instantiate(cfg.vlm.model)
     vlm = vlm.to(device).eval().requires_grad_(False)
-    tasks = {name: instantiate(cfg.dataset.tasks[name]) for name in select_tasks(cfg, vlm)}
+    tasks = {name: instantiate(cfg.dataset.tasks[name]) for name in select_tasks(cfg, vlm.tasks)}
     defense = build_defense(cfg, vlm, device)
     attack = instantiate(cfg.attack.method) if cfg.attack.get("method") is not None else None
     cache = None
@@ -97,27 +124,12 @@ def build(cfg: DictConfig, run_dir: Path) -> Harness:
         from attacks.cache import AdversarialCache
 
         cache = AdversarialCache(Path(cfg.paths.cache_dir) / "adversarial")
-    h = Harness(cfg=cfg, run_dir=run_dir, vlm=vlm, tasks=tasks, defense=defense, attack=attack, cache=cache)
+    h = Harness(cfg=cfg, run_dir=run_dir, vlm=vlm, tasks=tasks, defense=defense, attack=attack, cache=cache,
+                fingerprints=fingerprints)
     if defense is not None and defense.randomized and h.eval_draws == 1:
         log.warning("randomized defense evaluated with a single purification draw: results overestimate "
                     "robustness (set defense.eval_draws >= 3)")
     return h
-
-
-def select_tasks(cfg: DictConfig, vlm: VLMAdapter) -> list[str]:
-    offered = list(cfg.dataset.tasks.keys())
-    wanted = list(cfg.tasks) if cfg.get("tasks") else [t for t in offered if t in vlm.tasks]
-    for t in wanted:
-        if t not in offered:
-            raise ConfigError(f"dataset={cfg.dataset.name} has no task '{t}'; it offers {offered}")
-        if t not in vlm.tasks:
-            raise ConfigError(f"vlm={cfg.vlm.name} cannot do '{t}'; it does {list(vlm.tasks)}")
-    if not wanted:
-        raise ConfigError(
-            f"vlm={cfg.vlm.name} (tasks {list(vlm.tasks)}) and dataset={cfg.dataset.name} "
-            f"(tasks {offered}) share no task"
-        )
-    return wanted
 
 
 def build_defense(cfg: DictConfig, vlm: VLMAdapter, device: torch.device) -> Purifier | None:
@@ -133,41 +145,6 @@ def build_defense(cfg: DictConfig, vlm: VLMAdapter, device: torch.device) -> Pur
     return defense
 
 
-def check_resumable(run_dir: Path, cfg: DictConfig) -> None:
-    """A run directory holds one config: resuming with a different one would mix results."""
-    current = result_config(cfg)
-    path = run_dir / RUN_CONFIG
-    if path.exists():
-        previous, now = flatten(json.loads(path.read_text())), flatten(current)
-        if previous != now:
-            diff = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
-            raise ConfigError(
-                f"{run_dir} already holds a run with a different config (differs in {', '.join(diff)}); "
-                "delete that folder or choose another with hydra.run.dir=..."
-            )
-        if not cfg.resume:
-            raise ConfigError(f"{run_dir} already holds this run and resume=false; delete the folder to start over")
-    else:
-        results.write_json_atomic(path, current)
-
-
-def result_config(cfg: DictConfig) -> dict:
-    """The resolved config minus the keys that do not change results (written as run_config.json)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    for key in RESUME_FREE_KEYS:
-        container.pop(key, None)
-    return container
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix: node}
-    flat: dict[str, Any] = {}
-    for k, v in node.items():
-        flat.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return flat
-
-
 # --------------------------------------------------------------------------------------------- one task
 
 
@@ -175,11 +152,14 @@ def run_task(h: Harness, name: str, task: Task) -> None:
     ids = task.source.ids
     subset = select_subset(ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
     manifest = results.manifest_path(h.run_dir, name)
-    if manifest.exists() and json.loads(manifest.read_text())["ids"] != subset:
-        raise ConfigError(f"{manifest} lists another subset than this config draws; delete the run folder")
+    if manifest.exists():
+        listed = run_folder.read_json(manifest, f"the evaluated subset of {name}")
+        if not isinstance(listed, dict) or listed.get("ids") != subset:
+            raise ConfigError(f"{manifest} lists another subset than this config draws; delete the run folder")
     results.write_json_atomic(manifest, {"task": name, "seed": int(h.cfg.seed.subset), "n": len(subset),
                                          "of": len(ids), "ids": subset})
     task.prepare(subset)
+    h.subsets[name] = subset
     bs = int(h.cfg.batch_size)
     batches = [subset[i : i + bs] for i in range(0, len(subset), bs)]
     done = results.completed_batches(h.run_dir, name, {b: len(ids_b) for b, ids_b in enumerate(batches)})
@@ -193,20 +173,6 @@ def run_task(h: Harness, name: str, task: Task) -> None:
         writer.write_batch(process_batch(h, name, task, b, batches[b]))
         bar.update(len(batches[b]))
     bar.close()
-
-
-def load_images(paths: Sequence[str]) -> tuple[list[Image.Image | None], list[str | None]]:
-    images, errors = [], []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                images.append(im.convert("RGB"))
-            errors.append(None)
-        except (OSError, ValueError, SyntaxError) as e:
-            log.warning("skipping unreadable image %s: %s", p, e)
-            images.append(None)
-            errors.append(f"unreadable image {p}: {e}")
-    return images, errors
 
 
 def process_batch(h: Harness, name: str, task: Task, index: int, ids: list[str]) -> list[dict]:
@@ -266,8 +232,7 @@ def process_batch(h: Harness, name: str, task: Task, index: int, ids: list[str])
     evaluate("clean", x)
     if h.attack is not None:
         tic = time.perf_counter()
-        x_adv, attack_info = adversarial_images(h.cfg, h.attack, h.cache, h.defense, h.vlm, name, task, samples, x,
-                                                h.run_dir)
+        x_adv, attack_info = adversarial_images(h, name, task, samples, x)
         seconds["attack"] = time.perf_counter() - tic
         evaluate("adv", x_adv)
 
@@ -307,7 +272,9 @@ def save_examples(folder: Path, task: str, shown: dict[str, torch.Tensor], n: in
 
 
 def run_info(h: Harness) -> dict:
-    info: dict[str, Any] = {}
+    """What summary.json records besides the metrics: the fingerprints of the weights and annotation files the
+    results came from, and the adversarial cache's counters."""
+    info: dict[str, Any] = {"fingerprints": h.fingerprints}
     if h.cache is not None:
         info["cache"] = h.cache.stats()
     return info
@@ -327,9 +294,13 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def instantiate_tracker(cfg: DictConfig):
+def instantiate_tracker(cfg: DictConfig) -> Any:
     if not cfg.logger.get("enabled", False):
         return None
     from evaluators.tracking import WandbTracker
 
-    return WandbTracker(cfg)
+    try:
+        return WandbTracker(cfg)
+    except Exception as e:  # wandb raises its own types for a bad key, no network, a timeout
+        raise HarnessError(f"wandb could not start ({' '.join(str(e).split())[:160]}); use WANDB_MODE=offline "
+                           "or logger=none") from e

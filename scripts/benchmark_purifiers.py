@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from evaluators.config import PROJECT_ROOT, compose_config  # noqa: E402
+from evaluators.errors import cli  # noqa: E402
 from evaluators.pairs import clean_and_adversarial  # noqa: E402
 from evaluators.seeding import derive_seed, generators  # noqa: E402
 
@@ -113,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluators.datasets.shapes import generate_shapes  # noqa: E402
+from evaluators.errors import cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,4 +31,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

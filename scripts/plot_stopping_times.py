@@ -7,33 +7,39 @@ Reads every run folder under ROOT whose defense is diffcap or diffpure.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-import matplotlib
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from evaluators import results  # noqa: E402
+from evaluators.errors import HarnessError, cli  # noqa: E402
+from evaluators.run_folder import RUN_CONFIG, read_run_config  # noqa: E402
 
 
 def collect(root: Path) -> tuple[dict[str, list[float]], list[float]]:
     """Stopping times by label ("tau=0.96 clean", ...) for DiffCAP runs, and the t* of DiffPure runs."""
     times: dict[str, list[float]] = {}
     t_stars: list[float] = []
-    for cfg_path in sorted(root.rglob("run_config.json")):
-        cfg = json.loads(cfg_path.read_text())
-        defense = cfg["defense"]
-        if defense["name"] == "diffpure":
+    if not root.is_dir():
+        raise HarnessError(f"{root} is not a folder; pass the folder that holds the run folders")
+    for cfg_path in sorted(root.rglob(RUN_CONFIG)):
+        cfg = read_run_config(cfg_path.parent)
+        defense = cfg.get("defense") or {}
+        if defense.get("name") == "diffpure":
             t_stars.append(float(defense["t_star"]))
             continue
-        if defense["name"] != "diffcap":
+        if defense.get("name") != "diffcap":
             continue
-        samples = cfg_path.parent / "samples.jsonl"
-        for line in samples.read_text().splitlines():
-            rec = json.loads(line)
-            for cond, draws in rec.get("defense", {}).items():
-                label = f"tau={defense['tau']} {cond.replace('_defended', '')} ({rec['task']})"
-                times.setdefault(label, []).extend(d["t"] for d in draws)
+        for rec in results.read_records(cfg_path.parent / results.SAMPLES):
+            for cond, draws in (rec.get("defense") or {}).items():
+                label = f"tau={defense.get('tau')} {cond.replace('_defended', '')} ({rec['task']})"
+                times.setdefault(label, []).extend(d["t"] for d in draws if isinstance(d, dict) and "t" in d)
     return times, sorted(set(t_stars))
 
 
@@ -44,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     times, t_stars = collect(args.root)
     if not times:
-        raise SystemExit(f"error: no DiffCAP runs with samples under {args.root}")
+        raise HarnessError(f"no DiffCAP runs with samples under {args.root}; run defense=diffcap first")
     labels = sorted(times)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4.5))
     ax.boxplot([times[k] for k in labels], showmeans=True)
@@ -61,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

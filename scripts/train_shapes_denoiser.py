@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffcap.denoisers import Denoiser, load_shapes_denoiser, save_denoiser  # noqa: E402
 from diffcap.schedule import discrete_alphas_cumprod  # noqa: E402
 from diffcap.unet import UNetModel  # noqa: E402
+from evaluators.errors import cli  # noqa: E402
 
 log = logging.getLogger("train_shapes_denoiser")
 NUM_STEPS = 1000
@@ -359,4 +360,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -26,6 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluators.datasets.shapes import CLASSNAMES, generate_shapes  # noqa: E402
+from evaluators.errors import cli  # noqa: E402
 from evaluators.vlms.tiny import (  # noqa: E402
     CAPTION_PROMPT,
     CLASS_TEMPLATES,
@@ -388,4 +389,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

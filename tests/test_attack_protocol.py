@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,9 +12,10 @@ from omegaconf import OmegaConf
 
 from attacks.base import InvariantError, Objective, Stage
 from attacks.cache import AdversarialCache
-from attacks.orchestrate import adversarial_images, key_material
+from attacks.orchestrate import adversarial_images, key_material, pixels_hash
 from evaluators.config import compose_config, validate
 from evaluators.errors import ConfigError
+from evaluators.tasks.base import Task
 from evaluators.tasks.classification import ClassificationTask
 
 
@@ -70,54 +72,59 @@ def test_attack_config_errors_are_one_line(overrides, message):
     assert "\n" not in str(e.value)
 
 
-def test_cache_key_material():
-    base = compose_config(["attack=bpda_eot", "defense=diffpure"])
-    key = AdversarialCache.key(key_material(base, "classification", "7", adaptive=True))
-
-    def k(overrides, adaptive=True, task="classification", sid="7"):
-        return AdversarialCache.key(key_material(compose_config(["attack=bpda_eot", "defense=diffpure", *overrides]),
-                                                 task, sid, adaptive))
-
-    # the verdict draws of the run's evaluation do not change the images; everything else does
-    assert k(["attack.eval_draws=3"]) == key and k(["attack.from_cache=false"]) == key
-    assert k(["defense.eval_draws=3"]) == key
-    changed = [k(["attack.verdict_draws=3"]), k(["attack.verdict=final"]), k(["attack.steps=7"]),
-               k(["attack.eot_iter=2"]), k(["seed.noise=1"]), k(["defense.t_star=0.2"]), k([], sid="8"),
-               k([], task="vqa"), k(["harness_version=2"]), k(["attack.eps=2"])]
-    assert len(set(changed)) == len(changed) and key not in changed
-    grey = compose_config(["attack=apgd", "defense=diffpure"])
-    grey2 = compose_config(["attack=apgd", "defense=diffcap"])
-    assert AdversarialCache.key(key_material(grey, "vqa", "1", False)) == AdversarialCache.key(
-        key_material(grey2, "vqa", "1", False))  # grey-box images are shared across defenses
-    assert AdversarialCache.key(key_material(grey, "vqa", "1", False)) != AdversarialCache.key(
-        key_material(compose_config(["attack=apgd", "attack.zero_shot.ce_restarts=2"]), "vqa", "1", False))
-
-
 class FixedTask:
-    def __init__(self, stage_loss):
+    prepare = Task.prepare  # no subset in the key
+
+    def __init__(self, stage_loss=None):
         self.loss = stage_loss
 
     def objective(self, vlm, batch, schedule, x_clean=None, protocol=None):
         return Objective([Stage("s", self.loss)], score=lambda v, i: -self.loss(v, i))
 
 
+def harness(overrides, tmp_path=None, attack=None, cache=None):
+    cfg = compose_config(overrides)
+    return SimpleNamespace(cfg=cfg, fingerprints={"weights": {"vlm": {"model.safetensors": "abc"}}}, subsets={},
+                           attack=attack, cache=cache, defense=None, vlm=None, run_dir=tmp_path)
+
+
+def test_cache_key_material():
+    def k(overrides, adaptive=True, task="classification", kind="bpda_eot"):
+        material = key_material(harness([f"attack={kind}", "defense=diffpure", *overrides]), task, FixedTask(),
+                                adaptive)
+        return AdversarialCache.key({**material, "image": "x"})
+
+    key = k([])
+    # the verdict draws of the run's evaluation do not change the images; everything else does
+    assert k(["attack.eval_draws=3"]) == key and k(["attack.from_cache=false"]) == key
+    assert k(["defense.eval_draws=3"]) == key
+    changed = [k(["attack.verdict_draws=3"]), k(["attack.verdict=final"]), k(["attack.steps=7"]),
+               k(["attack.eot_iter=2"]), k(["seed.noise=1"]), k(["defense.t_star=0.2"]), k([], task="vqa"),
+               k(["harness_version=2"]), k(["attack.eps=2"])]
+    assert len(set(changed)) == len(changed) and key not in changed
+    # grey-box images are shared across defenses; the zero-shot protocol is part of the key
+    grey = k([], adaptive=False, kind="apgd")
+    assert k(["defense=diffcap"], adaptive=False, kind="apgd") == grey
+    assert k(["attack.zero_shot.ce_restarts=2"], adaptive=False, kind="apgd") != grey
+
+
 def test_orchestration_caches_and_stops_on_a_corrupted_cached_image(tmp_path):
     cfg = compose_config(["attack=apgd", "attack.steps=2"])
-    attack = instantiate(cfg.attack.method)
-    cache = AdversarialCache(tmp_path / "cache")
+    h = harness(["attack=apgd", "attack.steps=2"], tmp_path, instantiate(cfg.attack.method),
+                AdversarialCache(tmp_path / "cache"))
     x = torch.rand(2, 3, 8, 8) * 0.5 + 0.25
     samples = [{"id": "a"}, {"id": "b"}]
     task = FixedTask(lambda v, i: v.flatten(1).sum(1))
-    x_adv, info = adversarial_images(cfg, attack, cache, None, None, "t", task, samples, x, tmp_path)
+    x_adv, info = adversarial_images(h, "classification", task, samples, x)
     assert [i["cache"] for i in info] == ["miss", "miss"] and all(i["invariants_ok"] for i in info)
     assert not torch.equal(x_adv, x)
-    x_again, info = adversarial_images(cfg, attack, cache, None, None, "t", task, samples, x, tmp_path)
+    x_again, info = adversarial_images(h, "classification", task, samples, x)
     assert [i["cache"] for i in info] == ["hit", "hit"] and torch.equal(x_again, x_adv)
     # a cached image outside the ball (e.g. a file from another eps) stops the run and is reported
-    key = cache.key(key_material(cfg, "t", "b", False))
-    cache.put(key, (x[1] + 0.2).clamp(0, 1), {"info": {}})
+    key = h.cache.key({**key_material(h, "classification", task, False), "image": pixels_hash(x[1])})
+    h.cache.put(key, (x[1] + 0.2).clamp(0, 1), {"info": {}})
     with pytest.raises(InvariantError, match="samples: b"):
-        adversarial_images(cfg, attack, cache, None, None, "t", task, samples, x, tmp_path)
+        adversarial_images(h, "classification", task, samples, x)
     rows = [json.loads(line) for line in (tmp_path / "invariant_violations.jsonl").read_text().splitlines()]
     assert [(r["id"], r["ok"]) for r in rows] == [("b", False)] and rows[0]["linf_255"] > 4
 

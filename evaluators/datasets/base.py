@@ -6,9 +6,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-
-class DataError(RuntimeError):
-    """A data folder or annotation file is missing or malformed; the message says what to fix."""
+from evaluators.errors import DataError  # noqa: F401 (re-exported: defined with the other errors)
 
 
 class SampleSource(ABC):

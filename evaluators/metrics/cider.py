@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from pycocoevalcap.cider.cider_scorer import CiderScorer as _CocoCiderScorer
 from pycocoevalcap.cider.cider_scorer import cook_refs, cook_test
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+from evaluators.errors import JavaNotFoundError  # noqa: F401 (re-exported: defined with the other errors)
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,28 @@ JAVA_MISSING = (
 )
 
 
-class JavaNotFoundError(RuntimeError):
-    """``java`` is not on PATH, so the PTB tokenizer (and CIDEr) cannot run."""
+
+
+_JAVA_OK: set[str] = set()
 
 
 def check_java() -> None:
-    """Fail early, with a one-line fix, instead of a FileNotFoundError deep inside pycocoevalcap."""
-    if shutil.which("java") is None:
+    """Fail early, with a one-line fix, instead of a FileNotFoundError (or a broken pipe, for a ``java`` that
+    does not run) deep inside pycocoevalcap. A working ``java`` is remembered by its path."""
+    java = shutil.which("java")
+    if java is None:
         raise JavaNotFoundError(JAVA_MISSING)
+    if java in _JAVA_OK:
+        return
+    try:
+        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+        ok, why = proc.returncode == 0, f"exit status {proc.returncode}"
+    except (OSError, subprocess.SubprocessError) as e:
+        ok, why = False, str(e)
+    if not ok:
+        raise JavaNotFoundError(f"{java} does not run ({why}); install a working JRE "
+                                "(e.g. apt-get install default-jre-headless); pycocoevalcap's PTB tokenizer needs it")
+    _JAVA_OK.add(java)
 
 
 def ptb_tokenize(texts: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:

@@ -1,0 +1,320 @@
+"""Train the shapes world's tiny LLaVA, tiny OpenFlamingo and tiny CLIP on the CPU (train split only) and save
+them in their published layouts with a sha256 manifest per folder.
+
+    python scripts/train_tiny_vlms.py --data data/shapes --out checkpoints
+LLaVA and OpenFlamingo learn captions and short VQA answers in their own prompt formats (loss on the answer
+tokens only); CLIP learns InfoNCE on (image, caption) pairs plus zero-shot classification against its class
+prompts. Unlike the real models, whose vision towers and LMs are pretrained and frozen, everything here is
+trained from scratch together (nothing pretrained exists for this world); the file formats are unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tiny_vlm_builders as B  # noqa: E402
+
+from evaluators.datasets.shapes import CLASSNAMES, generate_shapes  # noqa: E402
+from evaluators.errors import ConfigError, cli  # noqa: E402
+
+log = logging.getLogger("train_tiny_vlms")
+
+CAPTION_USER = "Provide a short caption for this image."
+VQA_USER = "{question}\nAnswer the question using a single word or phrase."
+CLASS_TEMPLATES = ("a photo of a {}.", "a {} shape.", "a picture of a {}.", "an image of a {}.",
+                   "a drawing of a {}.", "a big {}.", "there is a {} in the image.", "the picture shows a {}.")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def load_split(root: Path, split: str) -> dict[str, Any]:
+    """PIL images, ids, labels, 5 captions each and the split's VQA items (question, majority, 10 answers)."""
+    entries = [e for e in json.loads((root / "dataset_shapes.json").read_text())["images"] if e["split"] == split]
+    scenes = {s["imgid"]: s for s in json.loads((root / "scenes_shapes.json").read_text())["scenes"]}
+    row = {e["imgid"]: i for i, e in enumerate(entries)}
+    qs = json.loads((root / "vqa" / f"questions_{split}.json").read_text())["questions"]
+    anns = {a["question_id"]: a for a in
+            json.loads((root / "vqa" / f"annotations_{split}.json").read_text())["annotations"]}
+    vqa = [{"row": row[q["image_id"]], "question": q["question"], "qid": q["question_id"],
+            "answer": anns[q["question_id"]]["multiple_choice_answer"],
+            "answers": [a["answer"] for a in anns[q["question_id"]]["answers"]]} for q in qs]
+    return {"images": [Image.open(root / e["filepath"] / e["filename"]).convert("RGB") for e in entries],
+            "imgids": [e["imgid"] for e in entries],
+            "labels": torch.tensor([scenes[e["imgid"]]["label"] for e in entries]),
+            "captions": [[s["raw"] for s in e["sentences"]] for e in entries], "vqa": vqa}
+
+
+def to_pixels(images: list[Image.Image], resolution: int) -> torch.Tensor:
+    """(N,3,R,R) pixels in [0, 1]: the processors' bicubic resize, before any normalisation."""
+    arr = np.stack([np.asarray(im.resize((resolution, resolution), Image.Resampling.BICUBIC)) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def corpus(train: dict[str, Any]) -> list[str]:
+    """Every text the models see in training: captions, questions, answers, prompts, class prompts."""
+    texts = [c for cs in train["captions"] for c in cs]
+    texts += [v["question"] + " " + v["answer"] for v in train["vqa"]]
+    texts += [t.format(c) for c in CLASSNAMES for t in CLASS_TEMPLATES]
+    texts += [f"USER: \n{CAPTION_USER} ASSISTANT:", VQA_USER, "Output: Question: Short answer:"] * 50
+    return texts
+
+
+def lr_at(step: int, steps: int, base: float) -> float:
+    warm = max(1, steps // 20)
+    return base * (step + 1) / warm if step < warm else base * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def optimise(params: list[torch.nn.Parameter], steps: int, lr: float, loss_at, name: str) -> None:
+    """AdamW with warm-up + cosine decay; ``loss_at(step)`` returns the batch loss."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        loss = loss_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == steps - 1:
+            log.info("%s step %d/%d loss %.4f (%.0f s)", name, step, steps, loss.item(), time.perf_counter() - t0)
+
+
+def sample_items(train: dict[str, Any], rng: np.random.Generator, batch: int) -> list[tuple[int, str, str, str]]:
+    """Half captions, half VQA items: (image row, kind, question or '', target)."""
+    n, vqa, half = len(train["captions"]), train["vqa"], max(1, batch // 2)
+    items = [(int(i), "caption", "", train["captions"][i][int(rng.integers(5))]) for i in rng.choice(n, half, replace=False)]
+    items += [(vqa[i]["row"], "vqa", vqa[i]["question"], vqa[i]["answer"]) for i in rng.choice(len(vqa), batch - half, replace=False)]
+    return items
+
+
+def masked_batch(tok, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+    """Right-padded ids of prompt + target with labels on the target tokens only (-100 elsewhere)."""
+    ids, labels = [], []
+    for p, t in zip(prompts, targets, strict=True):
+        p_ids = tok(p)["input_ids"]
+        full = tok(p + t)["input_ids"]
+        if full[: len(p_ids)] != p_ids:
+            raise ValueError(f"the prompt's tokens change when the target is appended: {p!r} + {t!r}")
+        ids.append(full)
+        labels.append([-100] * len(p_ids) + full[len(p_ids):])
+    width = max(map(len, ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    return {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in ids]),
+            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids]),
+            "labels": torch.tensor([s + [-100] * (width - len(s)) for s in labels])}
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA
+
+
+def llava_prompt(proc, user: str) -> str:
+    """The chat template's prompt: "USER: <image>\\n{user} ASSISTANT:"."""
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": user}]}]
+    return proc.apply_chat_template(conv, add_generation_prompt=True)
+
+
+def expand_image_tokens(proc, prompt: str) -> str:
+    """What LlavaProcessor does to the text when images are given: one <image> per vision feature."""
+    n = (proc.image_processor.crop_size["height"] // proc.patch_size) ** 2
+    return prompt.replace(proc.image_token, proc.image_token * n)
+
+
+def llava_loss(model, proc, x: torch.Tensor, users: list[str], targets: list[str]) -> torch.Tensor:
+    """Mean cross-entropy of " {target}</s>" after the chat prompt, for pixels ``x`` in [0, 1]."""
+    prompts = [expand_image_tokens(proc, llava_prompt(proc, u)) for u in users]
+    batch = masked_batch(proc.tokenizer, prompts, [" " + t + proc.tokenizer.eos_token for t in targets])
+    return model(pixel_values=B.normalize(x), **batch).loss
+
+
+def train_llava(train: dict[str, Any], bpe, steps: int, batch: int, lr: float, seed: int):
+    model, proc = B.build_llava(bpe)
+    pix = to_pixels(train["images"], B.LLAVA_RES)
+    rng = np.random.default_rng(seed)
+    model.train()
+
+    def loss_at(step: int) -> torch.Tensor:
+        items = sample_items(train, rng, batch)
+        users = [CAPTION_USER if k == "caption" else VQA_USER.format(question=q) for _, k, q, _ in items]
+        return llava_loss(model, proc, pix[[r for r, *_ in items]], users, [t for *_, t in items])
+
+    optimise(list(model.parameters()), steps, lr, loss_at, "llava")
+    return model.eval(), proc
+
+
+# ------------------------------------------------------------------------------------------ OpenFlamingo
+
+
+def of_text(kind: str, question: str, target: str | None, image: bool = True) -> str:
+    """OpenFlamingo's evaluation formats: "<image>Output:{caption}<|endofchunk|>" and
+    "<image>Question:{q} Short answer:{a}<|endofchunk|>" (no target: the prompt to complete)."""
+    head = ("<image>" if image else "") + ("Output:" if kind == "caption" else f"Question:{question} Short answer:")
+    return head if target is None else head + target + "<|endofchunk|>"
+
+
+def of_loss(model, tok, x: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
+    """Mean cross-entropy of ``target + <|endofchunk|>`` after each prompt (one image per prompt)."""
+    batch = masked_batch(tok, prompts, [t + "<|endofchunk|>" for t in targets])
+    B.encode_vision_with_grad(model, B.normalize(x)[:, None, None])
+    model._condition_media_locations(input_ids=batch["input_ids"])
+    try:
+        return model.lang_encoder(**batch).loss
+    finally:
+        model.lang_encoder.clear_conditioned_layers()
+
+
+def train_openflamingo(train: dict[str, Any], bpe, folder: Path, steps: int, batch: int, lr: float, seed: int):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{B.OF_VISION_NAME}.json").write_text(json.dumps(B.of_vision_config(), indent=2))
+    B.save_lm(bpe, folder / "lm")
+    model, tok = B.load_openflamingo(folder)
+    tok.padding_side = "right"
+    model.requires_grad_(True)
+    pix = to_pixels(train["images"], B.OF_RES)
+    rng = np.random.default_rng(seed + 1)
+    model.train()
+
+    def loss_at(step: int) -> torch.Tensor:
+        items = sample_items(train, rng, batch)
+        prompts = []
+        for _, kind, q, _ in items:  # 0-2 text-only demonstrations of the same task, as the evaluation uses
+            demos = ""
+            for _ in range(int(rng.integers(3))):
+                j = int(rng.integers(len(train["captions"]))) if kind == "caption" else int(rng.integers(len(train["vqa"])))
+                d = train["captions"][j][0] if kind == "caption" else train["vqa"][j]["answer"]
+                demos += of_text(kind, "" if kind == "caption" else train["vqa"][j]["question"], d, image=False)
+            prompts.append(demos + of_text(kind, q, None))
+        return of_loss(model, tok, pix[[r for r, *_ in items]], prompts, [t for *_, t in items])
+
+    optimise([p for p in model.parameters() if p.requires_grad], steps, lr, loss_at, "openflamingo")
+    model.eval()
+    B.save_openflamingo(model, tok, folder)
+    return model, tok
+
+
+# -------------------------------------------------------------------------------------------------- CLIP
+
+
+def clip_class_embeddings(model, tok, templates=CLASS_TEMPLATES) -> torch.Tensor:
+    """(C, D) normalised mean of the normalised template embeddings, per class."""
+    texts = [t.format(c) for c in CLASSNAMES for t in templates]
+    emb = F.normalize(model.get_text_features(**tok(texts, padding=True, return_tensors="pt")), dim=-1)
+    return F.normalize(emb.view(len(CLASSNAMES), len(templates), -1).mean(1), dim=-1)
+
+
+def train_clip(train: dict[str, Any], texts: list[str], steps: int, batch: int, lr: float, seed: int, workdir: Path):
+    tok = B.clip_tokenizer(texts, 400, workdir)
+    model, proc = B.build_clip(tok)
+    pix = to_pixels(train["images"], B.CLIP_RES)
+    rng = np.random.default_rng(seed + 2)
+    n = len(pix)
+    model.train()
+
+    def loss_at(step: int) -> torch.Tensor:
+        idx = rng.choice(n, size=min(batch, n), replace=False)
+        caps = [train["captions"][i][int(rng.integers(5))] for i in idx]
+        img = F.normalize(model.get_image_features(pixel_values=B.normalize(pix[idx])), dim=-1)
+        txt = F.normalize(model.get_text_features(**tok(caps, padding=True, return_tensors="pt")), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100)
+        logits = scale * img @ txt.T
+        target = torch.arange(len(idx))
+        contrastive = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        zero_shot = F.cross_entropy(scale * img @ clip_class_embeddings(model, tok).T, train["labels"][idx])
+        return contrastive + zero_shot
+
+    optimise(list(model.parameters()), steps, lr, loss_at, "clip")
+    return model.eval(), proc
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def save_hf(model, proc, folder: Path) -> None:
+    """transformers layout: config + model.safetensors + the processor's files, then the manifest."""
+    model.save_pretrained(folder, safe_serialization=True)
+    proc.save_pretrained(folder)
+    write_manifest(folder)
+
+
+def write_manifest(folder: Path) -> None:
+    """``SHA256SUMS`` (sha256sum format) of every file under ``folder``, checked at load."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "SHA256SUMS")
+    lines = [f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}" for p in files]
+    (folder / "SHA256SUMS").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="shapes world folder (generated there if missing)")
+    ap.add_argument("--out", required=True, help="writes tiny_llava/, tiny_openflamingo/, tiny_clip_hf/ here")
+    ap.add_argument("--models", default="clip,llava,openflamingo", help="comma-separated subset")
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--llava-steps", type=int, default=600)
+    ap.add_argument("--of-steps", type=int, default=350)
+    ap.add_argument("--clip-steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=32, help="LLaVA batch (half captions, half VQA)")
+    ap.add_argument("--of-batch", type=int, default=12, help="OpenFlamingo batch (half captions, half VQA)")
+    ap.add_argument("--clip-batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--vocab", type=int, default=500, help="BPE vocabulary of the LLaVA/OpenFlamingo tokenizer")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    wanted = set(args.models.split(","))
+    if not wanted <= {"clip", "llava", "openflamingo"}:
+        raise ConfigError(f"--models must be a subset of clip,llava,openflamingo, got {args.models!r}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    generate_shapes(args.data, n_train=args.n_train, n_test=args.n_test, seed=0)
+    train = load_split(Path(args.data), "train")
+    texts = corpus(train)
+    bpe = B.train_bpe(texts, args.vocab)
+    seconds: dict[str, float] = {}
+    if "clip" in wanted:
+        torch.manual_seed(args.seed)  # each model starts from the same RNG state, alone or with the others
+        t0 = time.perf_counter()
+        model, proc = train_clip(train, texts, args.clip_steps, args.clip_batch, args.lr, args.seed, out / "tiny_clip_hf")
+        save_hf(model, proc, out / "tiny_clip_hf")
+        seconds["clip"] = time.perf_counter() - t0
+    if "llava" in wanted:
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        model, proc = train_llava(train, bpe, args.llava_steps, args.batch, args.lr, args.seed)
+        save_hf(model, proc, out / "tiny_llava")
+        seconds["llava"] = time.perf_counter() - t0
+    if "openflamingo" in wanted:
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        train_openflamingo(train, bpe, out / "tiny_openflamingo", args.of_steps, args.of_batch, args.lr, args.seed)
+        write_manifest(out / "tiny_openflamingo")
+        seconds["openflamingo"] = time.perf_counter() - t0
+    record = {"command": "python scripts/train_tiny_vlms.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+              "seconds": seconds, "threads": args.threads}
+    (out / "tiny_vlms_training.json").write_text(json.dumps(record, indent=2) + "\n")
+    log.info("done: %s", json.dumps(record))
+    return seconds
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,434 @@
+"""Bad inputs and damaged files: each ends with exit status 2 and one line ``error: ...`` naming what to fix, with
+no traceback, and leaves every good file of the run folder byte-identical (hashed before and after).
+
+Most cases run in-process (compose_config + run + the harness's one error handler, exactly what run.py does);
+a few go through ``python run.py`` and the scripts to check the process-level behaviour.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from evaluators.config import compose_config
+from evaluators.errors import report
+from evaluators.metrics import cider
+from evaluators.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_WORLD = ["dataset.prepare.n_train=8", "dataset.prepare.n_test=48"]
+GOOD = ["experiment=fast_dev", "tasks=[vqa,classification]", "attack=apgd", "attack.steps=2"]
+
+
+@dataclass
+class Ctx:
+    run: Path       # a copy of a finished good run folder, the output folder of every case
+    world: Path     # the data folder of the good run (never modified)
+    tmp: Path
+    cache: Path
+    out: Path | None = None  # where the case runs, if not in ``run`` (a fresh folder, for other tasks)
+    other_dataset: bool = False  # the shapes world's size overrides do not apply
+    builds: bool = False  # the case fails after the run was built (so run_config.json is written)
+
+    def base(self) -> list[str]:
+        return [*GOOD, *([] if self.other_dataset else SMALL_WORLD), f"paths.data_dir={self.world}",
+                f"paths.cache_dir={self.cache}"]
+
+
+def invoke(overrides: list[str], out: Path, capsys) -> tuple[int, str]:
+    """What ``python run.py`` does, in-process: report() re-raises anything that is not a user error, so a bug
+    fails the test with its traceback instead of passing as 'an error'."""
+    capsys.readouterr()
+    try:
+        run(compose_config(overrides, output_dir=out))
+        code = 0
+    except Exception as e:  # noqa: BLE001
+        code = report(e)
+    return code, capsys.readouterr().err
+
+
+def tree_hash(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(world, finished run folder, cache) made once by an in-process run."""
+    from evaluators.datasets.shapes import generate_shapes
+
+    base = tmp_path_factory.mktemp("good")
+    generate_shapes(base / "data" / "shapes", n_train=8, n_test=48, size=64, seed=0)
+    torch.set_num_threads(1)
+    run(compose_config([*GOOD, *SMALL_WORLD, f"paths.data_dir={base / 'data'}", f"paths.cache_dir={base / 'cache'}"],
+                       output_dir=base / "run"))
+    assert (base / "run" / "summary.json").exists()
+    return base / "data", base / "run", base / "cache"
+
+
+@pytest.fixture
+def ctx(good, tmp_path) -> Ctx:
+    world, run_dir, cache = good
+    shutil.copytree(run_dir, tmp_path / "run")
+    return Ctx(run=tmp_path / "run", world=world, tmp=tmp_path, cache=cache)
+
+
+# ------------------------------------------------------------------------------------ setups of damaged inputs
+
+
+def _copy_world(c: Ctx) -> Path:
+    dst = c.tmp / "world"
+    if not dst.exists():
+        shutil.copytree(c.world, dst)
+    return dst
+
+
+def edited_annotations(c: Ctx) -> list[str]:
+    world = _copy_world(c)
+    path = world / "shapes" / "vqa" / "annotations_test.json"
+    data = json.loads(path.read_text())
+    data["annotations"][0]["answers"] = [{"answer": "changed", "answer_id": i + 1} for i in range(10)]
+    path.write_text(json.dumps(data))
+    return [f"paths.data_dir={world}"]
+
+
+def _copy_checkpoint(c: Ctx, published: bool) -> Path:
+    dst = c.tmp / "tiny_vlm"
+    shutil.copytree(ROOT / "checkpoints" / "tiny_vlm", dst)
+    if not published:
+        (dst / "SHA256SUMS").unlink()
+    return dst
+
+
+def _flip_bytes(path: Path, n: int = 200) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(n):
+        data[-1 - 7 * i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def flipped_published_weights(c: Ctx) -> list[str]:
+    ckpt = _copy_checkpoint(c, published=True)
+    _flip_bytes(ckpt / "model.safetensors")
+    return [f"vlm.model.path={ckpt}"]
+
+
+def changed_weights_on_resume(c: Ctx) -> list[str]:
+    ckpt = _copy_checkpoint(c, published=False)
+    _flip_bytes(ckpt / "model.safetensors")
+    return [f"vlm.model.path={ckpt}"]
+
+
+def bad_sha256sums(c: Ctx) -> list[str]:
+    ckpt = _copy_checkpoint(c, published=True)
+    (ckpt / "SHA256SUMS").write_text("not-a-hash model.safetensors\n")
+    return [f"vlm.model.path={ckpt}"]
+
+
+def corrupt_run_config(c: Ctx) -> list[str]:
+    (c.run / "run_config.json").write_text('{"tasks": [')
+    return []
+
+
+def run_config_not_a_dict(c: Ctx) -> list[str]:
+    (c.run / "run_config.json").write_text("[1, 2, 3]")
+    return []
+
+
+def binary_run_config(c: Ctx) -> list[str]:
+    (c.run / "run_config.json").write_bytes(b"\xff\xfe\x00garbage")
+    return []
+
+
+def corrupt_manifest(c: Ctx) -> list[str]:
+    (c.run / "manifest_vqa.json").write_text("{ torn")
+    return []
+
+
+def manifest_other_subset(c: Ctx) -> list[str]:
+    m = json.loads((c.run / "manifest_vqa.json").read_text())
+    m["ids"] = m["ids"][::-1]
+    (c.run / "manifest_vqa.json").write_text(json.dumps(m))
+    return []
+
+
+def held_lock(c: Ctx) -> list[str]:
+    fd = os.open(c.run / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    c.tmp.joinpath("held_fd").write_text(str(fd))  # closed by the test after the case
+    return []
+
+
+def all_images_missing(c: Ctx) -> list[str]:
+    world = _copy_world(c)
+    for png in (world / "shapes" / "classes" / "test").rglob("*.png"):
+        png.write_bytes(b"")
+    c.out, c.builds = c.tmp / "fresh", True
+    return [f"paths.data_dir={world}", "tasks=[classification]"]
+
+
+def broken_java(c: Ctx) -> list[str]:
+    bindir = c.tmp / "bin"
+    bindir.mkdir()
+    (bindir / "java").write_text("#!/bin/sh\nexit 1\n")
+    (bindir / "java").chmod(0o755)
+    os.environ["PATH"] = f"{bindir}{os.pathsep}{os.environ['PATH']}"
+    cider._JAVA_OK.clear()
+    c.out = c.tmp / "fresh"
+    return ["tasks=[captioning]"]
+
+
+def no_java(c: Ctx) -> list[str]:
+    os.environ["PATH"] = str(c.tmp / "empty-bin")
+    cider._JAVA_OK.clear()
+    c.out = c.tmp / "fresh"
+    return ["tasks=[captioning]"]
+
+
+def other_dataset(c: Ctx) -> list[str]:
+    c.out, c.other_dataset = c.tmp / "fresh", True
+    return ["dataset=coco", "tasks=null", f"paths.data_dir={c.tmp / 'nodata'}"]
+
+
+def wandb_online_without_key(c: Ctx) -> list[str]:
+    os.environ.pop("WANDB_API_KEY", None)
+    return ["logger=wandb", "logger.mode=online"]
+
+
+# --------------------------------------------------------------------------------------------------- the table
+
+A = ["attack=apgd"]
+DC = ["defense=diffcap"]
+DP = ["defense=diffpure"]
+
+#: (id, overrides on top of the good run's, setup, text the one error line must contain)
+CASES: list[tuple[str, list[str], Callable[[Ctx], list[str]] | None, str]] = [
+    ("n_samples_not_int", ["n_samples=abc"], None, "n_samples='abc' is not accepted: n_samples must be an integer"),
+    ("n_samples_zero", ["n_samples=0"], None, "n_samples must be an integer >= 1"),
+    ("n_samples_float", ["n_samples=2.5"], None, "n_samples must be an integer"),
+    ("batch_size_negative", ["batch_size=-1"], None, "batch_size must be an integer >= 1"),
+    ("tau_not_number", [*DC, "defense.tau=high"], None, "defense.tau must be a number in (0, 1)"),
+    ("tau_above_one", [*DC, "defense.tau=1.5"], None, "defense.tau must be a number in (0, 1)"),
+    ("eps_not_number", [*A, "attack.eps=abc"], None, "attack.eps must be a number in [1, 64] (in 1/255 units)"),
+    ("eps_in_unit_range", [*A, "attack.eps=0.0157"], None, "did you mean attack.eps=4"),
+    ("eps_too_large", [*A, "attack.eps=100"], None, "attack.eps must be a number in [1, 64] (in 1/255 units)"),
+    ("eps_negative", [*A, "attack.eps=-4"], None, "attack.eps must be a number in [1, 64] (in 1/255 units)"),
+    ("noise_seed_not_int", ["seed.noise=abc"], None, "seed.noise must be an integer >= 0"),
+    ("subset_seed_negative", ["seed.subset=-1"], None, "seed.subset must be an integer >= 0"),
+    ("torch_threads_negative", ["torch_threads=-2"], None, "torch_threads must be an integer >= 1"),
+    ("device_unknown", ["device=tpu"], None, "device must be one of cpu, cuda, cuda:N, mps"),
+    ("device_unavailable", ["device=cuda:99"], None, "device=cuda:99 is not available"),
+    ("resume_not_bool", ["resume=maybe"], None, "resume must be true or false"),
+    ("harness_version_zero", ["harness_version=0"], None, "harness_version must be an integer >= 1"),
+    ("bpda_without_defense", ["attack=bpda_eot"], None, "choose defense=diffpure or defense=diffcap"),
+    ("bpda_with_ensemble", ["attack=bpda_eot", *DP, "attack.schedule=ensemble"], None, "attack.schedule=single"),
+    ("schedule_unknown", [*A, "attack.schedule=all"], None, "attack.schedule must be one of single, ensemble"),
+    ("steps_zero", [*A, "attack.steps=0"], None, "attack.steps must be an integer >= 1"),
+    ("eot_iter_zero", ["attack=bpda_eot", *DP, "attack.eot_iter=0"], None, "attack.eot_iter must be"),
+    ("eval_draws_zero", ["attack=bpda_eot", *DP, "attack.eval_draws=0"], None, "attack.eval_draws must be"),
+    ("adaptive_not_bool", [*A, "attack.adaptive=yes"], None, "attack.adaptive must be true or false"),
+    ("precision_unknown", ["attack=apgd_ensemble", "attack.precision=float8"], None, "attack.precision must be"),
+    ("momentum_above_one", [*A, "attack.method.apgd.momentum=2"], None, "attack.method.apgd.momentum must be"),
+    ("defense_step_zero", [*DC, "defense.step=0"], None, "defense.step must be an integer >= 1"),
+    ("defense_keep_unknown", [*DC, "defense.keep=middle"], None, "defense.keep must be one of before, after"),
+    ("defense_encoder_unknown", [*DC, "defense.encoder=dino"], None, "defense.encoder must be one of vlm, clip"),
+    ("t_max_zero", [*DC, "defense.t_max=0"], None, "defense.t_max must be a number in (0, 1]"),
+    ("t_star_above_one", [*DP, "defense.t_star=2"], None, "defense.t_star must be a number in (0, 1]"),
+    ("defense_eval_draws_zero", [*DP, "defense.eval_draws=0"], None, "defense.eval_draws must be"),
+    ("sampler_steps_zero", [*DP, "defense/sampler=ddim", "defense.sampler.steps=0"], None,
+     "defense.sampler.steps must be"),
+    ("sampler_dt_zero", [*DP, "defense.sampler.dt=0"], None, "defense.sampler.dt must be a number in (0, 1)"),
+    ("task_unknown", ["tasks=[foo]"], None, "dataset=shapes has no task 'foo'"),
+    ("task_vlm_cannot_do", ["vlm=tiny_clip", "tasks=[captioning]"], None, "vlm=tiny_clip cannot do 'captioning'"),
+    ("tasks_a_number", ["tasks=3"], None, "tasks must be null or a list of task names"),
+    ("tasks_a_mapping", ["tasks={a: 1}"], None, "override tasks={a: 1}: Cannot merge DictConfig with ListConfig"),
+    ("override_syntax", ["n_samples=[1"], None, "bad override: no viable alternative at input '[1'"),
+    ("vlm_not_available", ["vlm=llava"], None, "vlm=llava is not available yet"),
+    ("unknown_key", [*A, "attack.stepz=3"], None, "Could not override 'attack.stepz'"),
+    ("unknown_group_option", ["vlm=nonexistent"], None, "Could not find 'vlm/nonexistent'"),
+    ("dataset_prepare_n_test_zero", ["dataset.prepare.n_test=0"], None, "dataset.prepare.n_test must be"),
+    ("wandb_online_without_key", [], wandb_online_without_key, "needs WANDB_API_KEY"),
+    ("resume_other_config", ["seed.subset=1"], None, "different config (differs in seed.subset)"),
+    ("resume_false_on_existing", ["resume=false"], None, "already holds this run and resume=false"),
+    ("run_config_corrupt", [], corrupt_run_config, "run_config.json (the config of the run in this folder) is damaged"),
+    ("run_config_not_object", [], run_config_not_a_dict, "run_config.json is not a run config"),
+    ("run_config_binary", [], binary_run_config, "run_config.json (the config of the run in this folder) is damaged"),
+    ("manifest_corrupt", [], corrupt_manifest, "manifest_vqa.json (the evaluated subset of vqa) is damaged"),
+    ("manifest_other_subset", [], manifest_other_subset, "manifest_vqa.json lists another subset"),
+    ("annotation_changed_on_resume", [], edited_annotations, "annotation file vqa.annotations_file"),
+    ("weights_changed_on_resume", [], changed_weights_on_resume, "weights vlm.model.path"),
+    ("published_checkpoint_damaged", [], flipped_published_weights, "does not match its published sha256"),
+    ("published_hashes_damaged", [], bad_sha256sums, "is not a sha256sum line"),
+    ("run_folder_busy", [], held_lock, "another process is running in"),
+    ("missing_checkpoint", ["vlm.model.path=/nonexistent/tiny_vlm"], None, "/nonexistent/tiny_vlm"),
+    ("missing_data_folder", [], other_dataset, "dataset_coco.json"),
+    ("no_usable_sample", [], all_images_missing, "task classification: none of its 8 samples could be used"),
+    ("java_broken", [], broken_java, "does not run (exit status 1)"),
+    ("java_missing", [], no_java, "Java not found"),
+]
+
+
+@pytest.mark.parametrize("overrides,setup,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(ctx, capsys, monkeypatch, overrides, setup, expected):
+    monkeypatch.setenv("PATH", os.environ["PATH"])  # setups may edit os.environ; monkeypatch restores it
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "disabled"))
+    extra = setup(ctx) if setup else []
+    before, world_before = tree_hash(ctx.run), tree_hash(ctx.world)
+    try:
+        code, err = invoke([*ctx.base(), *overrides, *extra], ctx.out or ctx.run, capsys)
+    finally:
+        held = ctx.tmp / "held_fd"
+        if held.exists():
+            os.close(int(held.read_text()))
+    assert code == 2, err
+    line = one_error_line(err)
+    assert expected in line, line
+    assert tree_hash(ctx.run) == before, "a good file of the run folder changed"
+    assert tree_hash(ctx.world) == world_before
+    if ctx.out is not None:  # a refused fresh start leaves no claim on its folder
+        assert ctx.builds or not (ctx.out / "run_config.json").exists()
+        assert not (ctx.out / "summary.json").exists()
+
+
+def test_there_are_at_least_40_distinct_cases():
+    assert len({c[0] for c in CASES}) == len(CASES) >= 40
+
+
+# ------------------------------------------------------------------------------------------ scripts, rescore
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _script(name: str, args: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    from evaluators.errors import cli
+
+    module = _load_script(name)
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    capsys.readouterr()
+    try:
+        cli(module.main)
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
+def _empty_samples(c: Ctx) -> list[str]:
+    (c.run / "samples.jsonl").write_text("")
+    return [str(c.run)]
+
+
+def _torn_samples(c: Ctx) -> list[str]:
+    lines = (c.run / "samples.jsonl").read_text().splitlines(keepends=True)
+    (c.run / "samples.jsonl").write_text("".join(lines[:-1]) + lines[-1][:30])
+    return [str(c.run)]
+
+
+def _garbage_samples(c: Ctx) -> list[str]:
+    lines = (c.run / "samples.jsonl").read_text().splitlines(keepends=True)
+    lines[3] = "42\n"
+    (c.run / "samples.jsonl").write_text("".join(lines))
+    return [str(c.run)]
+
+
+def _duplicated_samples(c: Ctx) -> list[str]:
+    text = (c.run / "samples.jsonl").read_text()
+    (c.run / "samples.jsonl").write_text(text + text.splitlines(keepends=True)[0])
+    return [str(c.run)]
+
+
+def _no_run_config(c: Ctx) -> list[str]:
+    (c.run / "run_config.json").unlink()
+    return [str(c.run)]
+
+
+def _rescore_corrupt_manifest(c: Ctx) -> list[str]:
+    (c.run / "manifest_classification.json").write_text("[")
+    return [str(c.run)]
+
+
+def _not_a_run(c: Ctx) -> list[str]:
+    return [str(c.tmp / "nothing-here")]
+
+
+def _plot_missing_root(c: Ctx) -> list[str]:
+    return [str(c.tmp / "missing"), "--out", str(c.tmp / "p.png")]
+
+
+def _plot_no_diffcap_runs(c: Ctx) -> list[str]:
+    return [str(c.run.parent), "--out", str(c.tmp / "p.png")]
+
+
+def _plot_damaged_config(c: Ctx) -> list[str]:
+    (c.run / "run_config.json").write_text("{")
+    return [str(c.run.parent), "--out", str(c.tmp / "p.png")]
+
+
+SCRIPT_CASES = [
+    ("rescore_empty_samples", "rescore", _empty_samples, "lacks 8 of its 8 samples"),
+    ("rescore_torn_last_line", "rescore", _torn_samples, "lacks 1 of its 8 samples"),
+    ("rescore_garbage_line", "rescore", _garbage_samples, "lacks 1 of its 8 samples"),
+    ("rescore_duplicate_record", "rescore", _duplicated_samples, "has duplicate records"),
+    ("rescore_without_run_config", "rescore", _no_run_config, "no run_config.json in"),
+    ("rescore_corrupt_manifest", "rescore", _rescore_corrupt_manifest, "manifest_classification.json"),
+    ("rescore_not_a_run_folder", "rescore", _not_a_run, "no samples.jsonl in"),
+    ("plot_missing_root", "plot_stopping_times", _plot_missing_root, "is not a folder"),
+    ("plot_without_diffcap_runs", "plot_stopping_times", _plot_no_diffcap_runs, "no DiffCAP runs"),
+    ("plot_damaged_run_config", "plot_stopping_times", _plot_damaged_config, "is damaged"),
+    ("calibrate_unavailable_vlm", "calibrate_tau", lambda c: ["vlm=llava"], "vlm=llava is not available yet"),
+    ("calibrate_bad_override", "calibrate_tau", lambda c: ["defense=diffcap", "defense.tau=high"], "defense.tau must be a number"),
+]
+
+
+@pytest.mark.parametrize("script,setup,expected", [c[1:] for c in SCRIPT_CASES], ids=[c[0] for c in SCRIPT_CASES])
+def test_scripts_refuse_bad_input_in_one_line(ctx, capsys, monkeypatch, script, setup, expected):
+    args = setup(ctx)
+    before = tree_hash(ctx.run)
+    code, err = _script(script, args, capsys, monkeypatch)
+    assert code == 2, err
+    assert expected in one_error_line(err)
+    assert tree_hash(ctx.run) == before
+
+
+def test_rescore_never_replaces_a_summary_with_a_worse_one(ctx, capsys, monkeypatch):
+    """Records that cover the manifests but lose a condition (here: the attacked predictions) are refused."""
+    lines = [json.loads(x) for x in (ctx.run / "samples.jsonl").read_text().splitlines()]
+    for r in lines:
+        r["predictions"].pop("adv", None)
+        r["metrics"].pop("adv", None)
+    (ctx.run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    before = tree_hash(ctx.run)
+    code, err = _script("rescore", [str(ctx.run)], capsys, monkeypatch)
+    assert code == 2 and "covers less than" in one_error_line(err)
+    assert tree_hash(ctx.run) == before
+
+
+def test_rescore_of_a_good_run_keeps_the_metrics(ctx, capsys, monkeypatch):
+    want = json.loads((ctx.run / "summary.json").read_text())["metrics"]
+    code, err = _script("rescore", [str(ctx.run)], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads((ctx.run / "summary.json").read_text())["metrics"] == want
+    assert not list(ctx.run.glob(".*.tmp"))
