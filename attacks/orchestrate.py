@@ -15,9 +15,10 @@ import torch
 from omegaconf import OmegaConf
 
 from attacks.base import check_invariants, enforce_invariants
+from evaluators.datasets.manifests import draw
 from evaluators.fingerprints import fingerprint_run
 from evaluators.run_folder import without_places
-from evaluators.seeding import derive_seed, select_subset
+from evaluators.seeding import derive_seed
 from evaluators.tasks.base import Task
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def key_material(h: Harness, name: str, task: Task, adaptive: bool) -> dict[str,
         "seed": int(h.cfg.seed.noise), "harness_version": int(h.cfg.harness_version),
     }
     if type(task).prepare is not Task.prepare:  # the metric depends on the evaluated subset (CIDEr's idf)
-        ids = h.subsets.get(name) or select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+        ids = h.subsets.get(name) or draw(task.source, name, h.cfg.n_samples, int(h.cfg.seed.subset))["ids"]
         material["subset"] = hashlib.sha256("\x1f".join(ids).encode()).hexdigest()
     if adaptive:
         defense = OmegaConf.to_container(h.cfg.defense, resolve=True)

@@ -118,7 +118,8 @@ BOOL = Check("bool")
 
 #: every value a run reads, checked when its group is selected (a key absent from the config is skipped)
 CHECKS: dict[str, Check] = {
-    "n_samples": POSITIVE_INT, "batch_size": POSITIVE_INT, "torch_threads": Check("int", lo=1, optional=True),
+    "n_samples": Check("int", lo=1, optional=True),  # null: the whole split
+    "batch_size": POSITIVE_INT, "torch_threads": Check("int", lo=1, optional=True),
     "seed.subset": Check("int", lo=0), "seed.noise": Check("int", lo=0), "resume": BOOL,
     "harness_version": POSITIVE_INT,
     "attack.eps": Check("num", lo=1, hi=64, unit="in 1/255 units"), "attack.steps": POSITIVE_INT,
@@ -133,7 +134,7 @@ CHECKS: dict[str, Check] = {
     "defense.keep": Check("enum", choices=("before", "after")), "defense.step": POSITIVE_INT,
     "defense.t_max": UNIT_HALF_OPEN, "defense.t_star": UNIT_HALF_OPEN, "defense.check_every": POSITIVE_INT,
     "defense.eval_draws": POSITIVE_INT, "defense.sampler.steps": POSITIVE_INT, "defense.sampler.dt": UNIT_OPEN,
-    "defense.sampler.eta": Check("num", lo=0),
+    "defense.sampler.eta": Check("num", lo=0), "defense.antialias": BOOL, "defense.sampler.clip_denoised": BOOL,
     "dataset.prepare.n_train": POSITIVE_INT, "dataset.prepare.n_test": POSITIVE_INT,
     "dataset.prepare.size": Check("int", lo=8), "dataset.prepare.seed": Check("int", lo=0),
     "logger.mode": Check("enum", choices=("online", "offline", "disabled")), "logger.n_images": Check("int", lo=0),

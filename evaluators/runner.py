@@ -21,11 +21,12 @@ from attacks.orchestrate import adversarial_images
 from diffcap.base import Purifier
 from evaluators import results, run_folder
 from evaluators.config import select_tasks, validate
+from evaluators.datasets.manifests import evaluated_subset
 from evaluators.errors import ConfigError, DataError, HarnessError
 from evaluators.fingerprints import annotation_paths, checkpoint_paths, fingerprint_run
 from evaluators.images import load_images
 from evaluators.run_folder import RUN_CONFIG, without_places  # noqa: F401 (scripts read RUN_CONFIG here)
-from evaluators.seeding import derive_seed, generators, select_subset
+from evaluators.seeding import derive_seed, generators
 from evaluators.summary import summarise, write_summary
 from evaluators.tasks.base import Task
 from evaluators.vlms.base import VLMAdapter
@@ -105,6 +106,8 @@ def build(cfg: DictConfig, run_dir: Path, previous: dict | None = None) -> Harne
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     names = select_tasks(cfg, vlm_tasks(cfg))
+    if cfg.vlm.get("check") is not None:
+        instantiate(cfg.vlm.check)  # the model's files, before data or weights load: a wrong path fails at once
     if "captioning" in names:
         from evaluators.metrics.cider import check_java
 
@@ -116,7 +119,9 @@ def build(cfg: DictConfig, run_dir: Path, previous: dict | None = None) -> Harne
                                   {**checkpoint_paths(cfg), **annotation_paths(cfg, names)})
     vlm: VLMAdapter = instantiate(cfg.vlm.model)
     vlm = vlm.to(device).eval().requires_grad_(False)
-    tasks = {name: instantiate(cfg.dataset.tasks[name]) for name in select_tasks(cfg, vlm.tasks)}
+    # demonstrations are drawn per sample with seed.subset (a run-level seed, so not part of the task config)
+    tasks = {name: instantiate(cfg.dataset.tasks[name], demo_seed=int(cfg.seed.subset))
+             for name in select_tasks(cfg, vlm.tasks)}
     defense = build_defense(cfg, vlm, device)
     attack = instantiate(cfg.attack.method) if cfg.attack.get("method") is not None else None
     cache = None
@@ -149,15 +154,15 @@ def build_defense(cfg: DictConfig, vlm: VLMAdapter, device: torch.device) -> Pur
 
 
 def run_task(h: Harness, name: str, task: Task) -> None:
-    ids = task.source.ids
-    subset = select_subset(ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+    drawn = evaluated_subset(task.source, name, h.cfg.n_samples, int(h.cfg.seed.subset),
+                             h.cfg.dataset.get("manifests"))
+    subset = drawn["ids"]
     manifest = results.manifest_path(h.run_dir, name)
     if manifest.exists():
         listed = run_folder.read_json(manifest, f"the evaluated subset of {name}")
         if not isinstance(listed, dict) or listed.get("ids") != subset:
             raise ConfigError(f"{manifest} lists another subset than this config draws; delete the run folder")
-    results.write_json_atomic(manifest, {"task": name, "seed": int(h.cfg.seed.subset), "n": len(subset),
-                                         "of": len(ids), "ids": subset})
+    results.write_json_atomic(manifest, drawn)
     task.prepare(subset)
     h.subsets[name] = subset
     bs = int(h.cfg.batch_size)

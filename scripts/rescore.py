@@ -13,16 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
-from hydra.utils import get_class  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from evaluators import results  # noqa: E402
-from evaluators.errors import DamagedFileError, HarnessError, RunFolderError, cli  # noqa: E402
-from evaluators.run_folder import RUN_CONFIG, locked, read_json, read_run_config  # noqa: E402
-from evaluators.summary import summarise  # noqa: E402
-from evaluators.tasks.base import Task  # noqa: E402
+from evaluators import results
+from evaluators.errors import DamagedFileError, HarnessError, RunFolderError, cli
+from evaluators.run_folder import RUN_CONFIG, locked, read_json, read_run_config
+from evaluators.summary import summarise
+from evaluators.tasks.base import Task
 
 
 def tasks_from_config(run_config: dict) -> dict[str, Task]:

@@ -196,6 +196,11 @@ def broken_java(c: Ctx) -> list[str]:
     return ["tasks=[captioning]"]
 
 
+def fresh_vqa(c: Ctx) -> list[str]:
+    c.out = c.tmp / "fresh"
+    return ["tasks=[vqa]"]
+
+
 def no_java(c: Ctx) -> list[str]:
     os.environ["PATH"] = str(c.tmp / "empty-bin")
     cider._JAVA_OK.clear()
@@ -261,7 +266,8 @@ CASES: list[tuple[str, list[str], Callable[[Ctx], list[str]] | None, str]] = [
     ("tasks_a_number", ["tasks=3"], None, "tasks must be null or a list of task names"),
     ("tasks_a_mapping", ["tasks={a: 1}"], None, "override tasks={a: 1}: Cannot merge DictConfig with ListConfig"),
     ("override_syntax", ["n_samples=[1"], None, "bad override: no viable alternative at input '[1'"),
-    ("vlm_not_available", ["vlm=llava"], None, "vlm=llava is not available yet"),
+    ("vlm_missing_folder", ["vlm=llava", "vlm.path=/nonexistent/llava"], fresh_vqa,
+     "vlm.path=/nonexistent/llava: no such folder"),
     ("unknown_key", [*A, "attack.stepz=3"], None, "Could not override 'attack.stepz'"),
     ("unknown_group_option", ["vlm=nonexistent"], None, "Could not find 'vlm/nonexistent'"),
     ("dataset_prepare_n_test_zero", ["dataset.prepare.n_test=0"], None, "dataset.prepare.n_test must be"),
@@ -398,7 +404,8 @@ SCRIPT_CASES = [
     ("plot_missing_root", "plot_stopping_times", _plot_missing_root, "is not a folder"),
     ("plot_without_diffcap_runs", "plot_stopping_times", _plot_no_diffcap_runs, "no DiffCAP runs"),
     ("plot_damaged_run_config", "plot_stopping_times", _plot_damaged_config, "is damaged"),
-    ("calibrate_unavailable_vlm", "calibrate_tau", lambda c: ["vlm=llava"], "vlm=llava is not available yet"),
+    ("calibrate_unavailable_vlm", "calibrate_tau", lambda c: ["vlm=llava", "vlm.path=/nonexistent/llava"],
+     "vlm.path=/nonexistent/llava: no such folder"),
     ("calibrate_bad_override", "calibrate_tau", lambda c: ["defense=diffcap", "defense.tau=high"], "defense.tau must be a number"),
 ]
 

@@ -19,7 +19,7 @@ on Flickr30k).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -28,7 +28,8 @@ from attacks.base import Objective, Stage
 from evaluators.datasets.base import SampleSource
 from evaluators.metrics.cider import CiderScorer
 from evaluators.tasks.base import Task
-from evaluators.vlms.base import VLMAdapter
+from evaluators.tasks.prompting import PromptTemplate
+from evaluators.vlms.base import VLM, Turn, VLMAdapter
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,9 @@ class CaptioningTask(Task):
     name = "captioning"
     primary = "cider"
 
-    def __init__(self, source: SampleSource, attack_success_below: float = 10.0):
-        super().__init__(source)
+    def __init__(self, source: SampleSource, attack_success_below: float = 10.0,
+                 prompts: Mapping[str, Any] | None = None, demo_seed: int = 0):
+        super().__init__(source, prompts, demo_seed)
         self.attack_success_below = float(attack_success_below)
         self._scorer: CiderScorer | None = None
         # the scorer of the last aggregate() over another id set (re-scoring calls it once per condition)
@@ -129,9 +131,11 @@ class CaptioningTask(Task):
 
     # ------------------------------------------------------------------------------------ Task API
 
-    def predict(self, vlm: VLMAdapter, x: torch.Tensor, batch: list[dict[str, Any]]) -> list[str]:
-        with torch.no_grad():
-            return [str(c) for c in vlm.caption(x)]
+    def predict(self, vlm: VLM, x: torch.Tensor, batch: list[dict[str, Any]]) -> list[str]:
+        return self.generate(vlm, x, batch)
+
+    def demo_turn(self, template: PromptTemplate, demo: dict[str, Any]) -> Turn:
+        return Turn(user=self._user_text(template, {}), assistant=str(demo["caption"]), image=False)
 
     def score(self, predictions: list[Any], batch: list[dict[str, Any]]) -> list[dict[str, float]]:
         values = self._cider([s["id"] for s in batch], predictions)
@@ -164,16 +168,17 @@ class CaptioningTask(Task):
         if schedule not in ("single", "ensemble"):
             raise ValueError(f"schedule must be 'single' or 'ensemble', got {schedule!r}")
         captions = [self.attack_captions(s) for s in batch]
+        prompts = self.build_prompts(vlm, batch)
         ids = [s["id"] for s in batch]
         _ = self.scorer  # fail now, not inside the attack, when prepare() was not called
 
         def caption_loss(k: int | list[int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
             """Loss of caption k, or of caption k[r] for batch row r."""
             ks = k if isinstance(k, list) else [k] * len(captions)
-            targets = [c[j] if j < len(c) else None for c, j in zip(captions, ks, strict=True)]
+            targets = [(p, c[j]) if j < len(c) else None for p, c, j in zip(prompts, captions, ks, strict=True)]
 
             def loss(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-                return per_sample_loss(x, index, targets, vlm.caption_loss)
+                return per_sample_loss(x, index, targets, lambda x_, pt: self.target_loss(vlm, x_, pt))
 
             return loss
 
@@ -186,16 +191,12 @@ class CaptioningTask(Task):
 
         def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             rows = _rows(index)
-            with torch.no_grad():
-                preds = vlm.caption(x)
+            preds = self.generate(vlm, x, [batch[r] for r in rows])
             values = self._cider([ids[r] for r in rows], preds)
             return torch.tensor(values, dtype=torch.float32, device=x.device)
 
         return Objective(stages=stages, score=score, success_below=self.attack_success_below,
                          extra={"schedule": schedule, "metric": "cider"})
-
-    def inputs(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def references(self, sample: dict[str, Any]) -> dict[str, Any]:
         """``{"captions": [...]}``: with ``id`` and ``inputs`` this rebuilds what ``aggregate`` reads."""

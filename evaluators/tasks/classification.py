@@ -23,7 +23,6 @@ evaluates a sample (its ``score``, which every attack calls on the clean images 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,9 +33,10 @@ import torch.nn.functional as F
 from attacks.base import Objective, Stage
 from attacks.config import ZERO_SHOT_ATTACKS
 from evaluators.datasets.base import SampleSource
+from evaluators.errors import ConfigError
 from evaluators.metrics.accuracy import top1
 from evaluators.tasks.base import Task
-from evaluators.vlms.base import VLMAdapter
+from evaluators.vlms.base import VLM, VLMAdapter
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +61,32 @@ def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tens
 class ClassificationTask(Task):
     """Caltech101 / ImageNet zero-shot classification; headline metric: top-1 x100.
 
-    ``templates``: prompt templates (e.g. "a photo of a {}.") handed to ``vlm.classify(x, classnames,
-    templates=...)``; the adapter must accept that keyword. None leaves the templates to the adapter.
+    ``templates``: the data set's prompt templates (e.g. "a photo of a {}."); None takes the source's
+    ``templates``. Each class embedding is the normalised mean over them (``vlm.zero_shot_logits``).
     """
 
     name = "classification"
     primary = "top1"
 
-    def __init__(self, source: SampleSource | None, templates: Sequence[str] | None = None):
-        """``source=None`` builds a scorer only (re-scoring from samples.jsonl needs no class names)."""
-        super().__init__(source)
+    def __init__(self, source: SampleSource | None, templates: Sequence[str] | None = None, demo_seed: int = 0):
+        """``source=None`` builds a scorer only (re-scoring from samples.jsonl needs no class names);
+        ``demo_seed`` is accepted like every task's (zero-shot classification has no demonstrations)."""
+        super().__init__(source, demo_seed=demo_seed)
         if source is not None and not source.classnames:
             raise ValueError(f"{type(source).__name__} has no classnames; classification needs them")
+        if templates is None and source is not None:
+            templates = getattr(source, "templates", None)  # the data set's own templates travel with its source
+        if source is not None and not templates:
+            raise ConfigError("dataset.tasks.classification has no templates (neither on the task nor on its "
+                              "source); zero-shot classification needs prompt templates such as 'a photo of a {}.'")
         self.classnames: list[str] = list(source.classnames) if source is not None else []
         self.templates = list(templates) if templates is not None else None
 
-    def logits(self, vlm: VLMAdapter, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, vlm: VLM, x: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits (B, C), differentiable in x."""
-        if self.templates is None:
-            return vlm.classify(x, self.classnames)
-        if "templates" not in inspect.signature(vlm.classify).parameters:
-            raise TypeError(f"{type(vlm).__name__}.classify does not take templates=; "
-                            "leave the task's templates unset for this model")
-        return vlm.classify(x, self.classnames, templates=self.templates)  # type: ignore[call-arg]
+        return vlm.zero_shot_logits(x, self.classnames, self.templates or [])
 
-    def predict(self, vlm: VLMAdapter, x: torch.Tensor, batch: list[dict[str, Any]]) -> list[int]:
+    def predict(self, vlm: VLM, x: torch.Tensor, batch: list[dict[str, Any]]) -> list[int]:
         with torch.no_grad():
             return [int(c) for c in self.logits(vlm, x).argmax(dim=1).tolist()]
 
@@ -170,9 +171,6 @@ class ClassificationTask(Task):
 
         return Objective(stages=stages, score=score, success_below=0.0, judge=judge,
                          extra={"schedule": "zero_shot", "protocol": proto, "metric": "top1"})
-
-    def inputs(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def references(self, sample: dict[str, Any]) -> dict[str, Any]:
         """``{"label": int, "classname": str}``: with ``id`` this rebuilds what ``aggregate`` reads."""
