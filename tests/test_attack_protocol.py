@@ -24,6 +24,7 @@ class Classes:
 
     def __init__(self, n: int):
         self.classnames = [f"c{i}" for i in range(n)]
+        self.templates = ["a photo of a {}."]
         self.ids = ["0"]
 
 

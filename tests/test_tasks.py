@@ -197,7 +197,7 @@ def test_captioning_objectives(caption_source):
     assert final.start == "best" and [s.target for s in ens.stages[:5]] == list(range(5))
     mixed = final.follow_best([2, None, 1])(x, torch.arange(3))
     caps = [batch[0]["sentences"][2], batch[1]["sentences"][0], batch[2]["sentences"][1]]
-    assert torch.allclose(mixed, vlm.caption_loss(x, caps))
+    assert torch.allclose(mixed, vlm.token_ce(x, caps))
 
     # stage k uses the k-th ground-truth caption of each sample
     idx = torch.arange(3)
