@@ -22,7 +22,7 @@ def validate_attack(acfg: DictConfig) -> None:
                               f"got {attacks}")
         if int(zs.get("ce_restarts", 1)) < 1 or int(zs.get("target_classes", 0)) < 0:
             raise ConfigError("attack.zero_shot.ce_restarts must be >= 1 and attack.zero_shot.target_classes >= 0")
-    if acfg.get("adaptive", False):
+    if acfg.get("adaptive") is True:  # a non-bool value is reported by the shared value checks
         if schedule != "single":
             raise ConfigError(f"attack={acfg.name} runs one APGD stage through the defense; attack.schedule="
                               f"{schedule} is not supported (use attack.schedule=single)")
