@@ -265,3 +265,6 @@ def validate(cfg: DictConfig) -> None:
         checker(cfg)
     check_device(cfg.get("device", "cpu"))
     select_tasks(cfg, vlm_tasks(cfg))
+    from evaluators.sharding import check as check_shards
+
+    check_shards(cfg)

@@ -27,6 +27,7 @@ from evaluators.fingerprints import annotation_paths, checkpoint_paths, fingerpr
 from evaluators.images import load_images
 from evaluators.run_folder import RUN_CONFIG, without_places  # noqa: F401 (scripts read RUN_CONFIG here)
 from evaluators.seeding import derive_seed, generators
+from evaluators.sharding import shard_slice
 from evaluators.summary import summarise, write_summary
 from evaluators.tasks.base import Task
 from evaluators.vlms.base import VLMAdapter
@@ -165,6 +166,7 @@ def run_task(h: Harness, name: str, task: Task) -> None:
     results.write_json_atomic(manifest, drawn)
     task.prepare(subset)
     h.subsets[name] = subset
+    subset = shard_slice(subset, h.cfg)  # sharded job: its part only; the idf above comes from the whole subset
     bs = int(h.cfg.batch_size)
     batches = [subset[i : i + bs] for i in range(0, len(subset), bs)]
     done = results.completed_batches(h.run_dir, name, {b: len(ids_b) for b, ids_b in enumerate(batches)})

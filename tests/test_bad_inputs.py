@@ -381,16 +381,16 @@ def _not_a_run(c: Ctx) -> list[str]:
 
 
 def _plot_missing_root(c: Ctx) -> list[str]:
-    return [str(c.tmp / "missing"), "--out", str(c.tmp / "p.png")]
+    return ["--main", str(c.tmp / "missing"), "--out", str(c.tmp / "p")]
 
 
 def _plot_no_diffcap_runs(c: Ctx) -> list[str]:
-    return [str(c.run.parent), "--out", str(c.tmp / "p.png")]
+    return ["--tau", str(c.run.parent), "--out", str(c.tmp / "p")]
 
 
-def _plot_damaged_config(c: Ctx) -> list[str]:
-    (c.run / "run_config.json").write_text("{")
-    return [str(c.run.parent), "--out", str(c.tmp / "p.png")]
+def _plot_damaged_summary(c: Ctx) -> list[str]:
+    (c.run / "summary.json").write_text("{")
+    return ["--main", str(c.run.parent), "--out", str(c.tmp / "p")]
 
 
 SCRIPT_CASES = [
@@ -401,9 +401,12 @@ SCRIPT_CASES = [
     ("rescore_without_run_config", "rescore", _no_run_config, "no run_config.json in"),
     ("rescore_corrupt_manifest", "rescore", _rescore_corrupt_manifest, "manifest_classification.json"),
     ("rescore_not_a_run_folder", "rescore", _not_a_run, "no samples.jsonl in"),
-    ("plot_missing_root", "plot_stopping_times", _plot_missing_root, "is not a folder"),
-    ("plot_without_diffcap_runs", "plot_stopping_times", _plot_no_diffcap_runs, "no DiffCAP runs"),
-    ("plot_damaged_run_config", "plot_stopping_times", _plot_damaged_config, "is damaged"),
+    ("figures_missing_root", "figures", _plot_missing_root, "is not a folder"),
+    ("figures_without_diffcap_runs", "figures", _plot_no_diffcap_runs, "no DiffCAP runs"),
+    ("figures_damaged_summary", "figures", _plot_damaged_summary, "is damaged"),
+    ("tables_missing_root", "tables", lambda c: [str(c.tmp / "missing"), "--out", str(c.tmp / "t")], "is not a folder"),
+    ("tables_unknown_facet", "tables", lambda c: [str(c.run.parent), "--rows", "colour", "--out", str(c.tmp / "t")],
+     "unknown facet(s) ['colour']"),
     ("calibrate_unavailable_vlm", "calibrate_tau", lambda c: ["vlm=llava", "vlm.path=/nonexistent/llava"],
      "vlm.path=/nonexistent/llava: no such folder"),
     ("calibrate_bad_override", "calibrate_tau", lambda c: ["defense=diffcap", "defense.tau=high"], "defense.tau must be a number"),
