@@ -128,7 +128,7 @@ CHECKS: dict[str, Check] = {
     "attack.precision": Check("enum", choices=("float32", "float16", "bfloat16")),
     "attack.adaptive": BOOL, "attack.from_cache": BOOL,
     "attack.method.apgd.initial_step": Check("num", lo=0, lo_open=True),
-    "attack.method.apgd.momentum": Check("num", lo=0, hi=1), "attack.method.apgd.rho": UNIT_OPEN,
+    "attack.method.apgd.step_weight": UNIT_HALF_OPEN, "attack.method.apgd.rho": UNIT_OPEN,
     "attack.method.apgd.random_start": BOOL,
     "defense.tau": UNIT_OPEN, "defense.encoder": Check("enum", choices=("vlm", "clip")),
     "defense.keep": Check("enum", choices=("before", "after")), "defense.step": POSITIVE_INT,
@@ -258,6 +258,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{group}={cfg[group].name} is not available yet: {reason}")
     if isinstance(cfg.get("tasks"), str):  # tasks=classification: one task, without the list brackets
         cfg.tasks = [cfg.tasks]
+    from attacks.config import validate_attack
+
+    validate_attack(cfg.attack)
     for checker in CHECKERS:
         checker(cfg)
     check_device(cfg.get("device", "cpu"))

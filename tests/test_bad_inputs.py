@@ -251,7 +251,7 @@ CASES: list[tuple[str, list[str], Callable[[Ctx], list[str]] | None, str]] = [
     ("eval_draws_zero", ["attack=bpda_eot", *DP, "attack.eval_draws=0"], None, "attack.eval_draws must be"),
     ("adaptive_not_bool", [*A, "attack.adaptive=yes"], None, "attack.adaptive must be true or false"),
     ("precision_unknown", ["attack=apgd_ensemble", "attack.precision=float8"], None, "attack.precision must be"),
-    ("momentum_above_one", [*A, "attack.method.apgd.momentum=2"], None, "attack.method.apgd.momentum must be"),
+    ("step_weight_above_one", [*A, "attack.method.apgd.step_weight=2"], None, "attack.method.apgd.step_weight must be"),
     ("defense_step_zero", [*DC, "defense.step=0"], None, "defense.step must be an integer >= 1"),
     ("defense_keep_unknown", [*DC, "defense.keep=middle"], None, "defense.keep must be one of before, after"),
     ("defense_encoder_unknown", [*DC, "defense.encoder=dino"], None, "defense.encoder must be one of vlm, clip"),

@@ -111,7 +111,8 @@ def _check_stage_losses(objective, x: torch.Tensor) -> None:
     for index in (torch.arange(x.shape[0]), torch.tensor([x.shape[0] - 1])):
         for stage in objective.stages:
             xi = x[index].clone().requires_grad_(True)
-            loss = stage.loss(xi, index)
+            fn = stage.loss if stage.follow_best is None else stage.follow_best([None] * x.shape[0])
+            loss = fn(xi, index)
             assert loss.shape == (len(index),), stage.name
             assert torch.isfinite(loss).all(), stage.name
             (grad,) = torch.autograd.grad(loss.sum(), xi)
@@ -187,10 +188,16 @@ def test_captioning_objectives(caption_source):
     assert [s.name for s in single.stages] == ["caption-0"]
     assert single.success_below == 2.0
     ens = task.objective(vlm, batch, "ensemble")
-    assert [s.name for s in ens.stages] == [f"caption-{k}" for k in range(5)] + ["caption-0-fp32"]
+    assert [s.name for s in ens.stages] == [f"caption-{k}" for k in range(5)] + ["caption-best-fp32"]
     assert [s.dtype for s in ens.stages] == [None] * 5 + ["float32"]
     assert not any(s.targeted for s in ens.stages)
     _check_stage_losses(ens, x)
+    # the fp32 stage attacks, per image, the caption whose stage did best (caption 0 while none did)
+    final = ens.stages[-1]
+    assert final.start == "best" and [s.target for s in ens.stages[:5]] == list(range(5))
+    mixed = final.follow_best([2, None, 1])(x, torch.arange(3))
+    caps = [batch[0]["sentences"][2], batch[1]["sentences"][0], batch[2]["sentences"][1]]
+    assert torch.allclose(mixed, vlm.token_ce(x, caps))
 
     # stage k uses the k-th ground-truth caption of each sample
     idx = torch.arange(3)
@@ -271,7 +278,7 @@ def test_vqa_objectives(vqa_source):
 
     ens = task.objective(vlm, batch, "ensemble")
     names = [s.name for s in ens.stages]
-    assert names == [f"answer-{k}" for k in range(5)] + ["answer-0-fp32", "target-maybe", "target-Word"]
+    assert names == [f"answer-{k}" for k in range(5)] + ["answer-best-fp32", "target-maybe", "target-Word"]
     assert [s.targeted for s in ens.stages] == [False] * 6 + [True, True]
     assert ens.success_below == 0.0
     _check_stage_losses(ens, x)
@@ -279,6 +286,9 @@ def test_vqa_objectives(vqa_source):
     loss = ens.stages[1].loss(x, idx)
     assert loss[0] == 0
     assert torch.allclose(loss[1:], vlm.token_ce(x[1:], ["No", "2"]))
+    # the fp32 stage attacks, per question, the answer whose stage did best
+    best = ens.stages[5].follow_best([None, 1, 1])(x, idx)
+    assert torch.allclose(best, vlm.token_ce(x, ["yes", "No", "2"]))
 
     # ascending a targeted stage makes the target answer more likely
     for stage, target in zip(ens.stages[-2:], ["maybe", "Word"], strict=True):
@@ -334,7 +344,7 @@ def test_classification_objectives(tmp_path):
     batch = [{"id": str(i), "image_path": "unused", "label": int(labels[i])} for i in range(3)]
     idx = torch.arange(3)
 
-    single = task.objective(vlm, batch, "single")
+    single = task.objective(vlm, batch, "single", protocol={"attacks": ["apgd-ce"]})
     assert [s.name for s in single.stages] == ["ce"]
     assert torch.allclose(single.stages[0].loss(x, idx), F.cross_entropy(clean, labels, reduction="none"))
 

@@ -53,10 +53,11 @@ class Task(ABC):
 
     @abstractmethod
     def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
-                  x_clean: torch.Tensor | None = None) -> Objective:
-        """What to attack. ``schedule``: "single" (one APGD run against the first reference / the true
-        class) or "ensemble" (RobustVLM's schedule for this task). ``x_clean``: the batch's clean images,
-        for tasks whose targets depend on the clean prediction (APGD-T's target classes)."""
+                  x_clean: torch.Tensor | None = None, protocol: dict[str, Any] | None = None) -> Objective:
+        """What to attack. ``schedule``: "single" (one APGD run against the first reference) or "ensemble"
+        (RobustVLM's schedule for this task). ``x_clean``: the batch's clean images, for tasks whose targets
+        depend on the clean prediction (APGD-T's target classes). ``protocol``: ``attack.zero_shot``, read by
+        zero-shot classification (RobustVLM's AutoAttack protocol), ignored by the other tasks."""
 
     def inputs(self, sample: dict[str, Any]) -> dict[str, Any]:
         """The non-image inputs written into samples.jsonl: the prompt sent for the sample, when one was."""

@@ -7,11 +7,10 @@ corpus number all share one idf and the corpus equals pycocoevalcap on the same 
 Attack schedules (``objective``):
 
 - ``"single"``: one stage, maximise the caption cross-entropy of the first ground-truth caption;
-- ``"ensemble"``: one stage per ground-truth caption (the first five) in turn, then one more stage, in
-  float32, on the first caption. RobustVLM runs the five caption stages in float16 (left to the attack's
-  default dtype here) and its float32 stage starts from the best adversarial image so far and uses, per
-  image, the caption whose stage did best; a ``Stage`` carries no per-image choice, so the first caption
-  is used (the attack decides where the stage starts).
+- ``"ensemble"``: one stage per ground-truth caption (the first five) in turn, then one more stage in
+  float32 that starts from the best adversarial image so far and attacks, per image, the caption whose
+  stage did best (the first caption while no stage improved on the clean image), as RobustVLM does. RobustVLM
+  runs the five caption stages in float16 (``attack.precision``).
 
 The attack stops on an image once its CIDEr is <= ``attack_success_below`` (RobustVLM: < 10 on COCO, < 2
 on Flickr30k).
@@ -165,7 +164,7 @@ class CaptioningTask(Task):
         return {"cider": scorer.corpus({i: str(p) for i, p in predictions.items()})}
 
     def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
-                  x_clean: torch.Tensor | None = None) -> Objective:
+                  x_clean: torch.Tensor | None = None, protocol: dict[str, Any] | None = None) -> Objective:
         if schedule not in ("single", "ensemble"):
             raise ValueError(f"schedule must be 'single' or 'ensemble', got {schedule!r}")
         captions = [self.attack_captions(s) for s in batch]
@@ -173,8 +172,10 @@ class CaptioningTask(Task):
         ids = [s["id"] for s in batch]
         _ = self.scorer  # fail now, not inside the attack, when prepare() was not called
 
-        def caption_loss(k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-            targets = [(p, c[k]) if k < len(c) else None for p, c in zip(prompts, captions, strict=True)]
+        def caption_loss(k: int | list[int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            """Loss of caption k, or of caption k[r] for batch row r."""
+            ks = k if isinstance(k, list) else [k] * len(captions)
+            targets = [(p, c[j]) if j < len(c) else None for p, c, j in zip(prompts, captions, ks, strict=True)]
 
             def loss(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
                 return per_sample_loss(x, index, targets, lambda x_, pt: self.target_loss(vlm, x_, pt))
@@ -184,8 +185,9 @@ class CaptioningTask(Task):
         if schedule == "single":
             stages = [Stage("caption-0", caption_loss(0))]
         else:
-            stages = [Stage(f"caption-{k}", caption_loss(k)) for k in range(N_ENSEMBLE_CAPTIONS)]
-            stages.append(Stage("caption-0-fp32", caption_loss(0), dtype="float32", start="best"))
+            stages = [Stage(f"caption-{k}", caption_loss(k), target=k) for k in range(N_ENSEMBLE_CAPTIONS)]
+            stages.append(Stage("caption-best-fp32", dtype="float32", start="best",
+                                follow_best=lambda best: caption_loss([0 if k is None else k for k in best])))
 
         def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             rows = _rows(index)

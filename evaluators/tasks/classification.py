@@ -1,22 +1,24 @@
-"""Zero-shot image classification scored with top-1 accuracy, attacked with APGD-CE and APGD-T.
+"""Zero-shot image classification scored with top-1 accuracy, attacked with RobustVLM's protocol.
 
-Attack schedules (``objective``):
+Attack (``objective``): RobustVLM evaluates zero-shot classification with AutoAttack's custom version,
+attacks ["apgd-ce", "apgd-t"], and the harness runs the same by default (``ZERO_SHOT``; a run overrides it
+with ``attack.zero_shot``, for any ``attack.schedule``):
 
-- ``"single"``: APGD-CE, i.e. maximise the cross-entropy of the logits w.r.t. the true label;
-- ``"ensemble"``: APGD-CE, then APGD-T (Croce and Hein 2020): one targeted stage per target class, the
-  targets being the classes with the 2nd..10th highest logit at the reference point (fewer when there
-  are fewer classes). Each targeted stage maximises minus the targeted DLR loss
+- APGD-CE: maximise the cross-entropy w.r.t. the true label; 5 restarts, each from its own random start,
+  first step 2 eps, each restart only on the images not yet misclassified;
+- APGD-T: one run per target class (1 restart, random start, first step 2 eps), the targets being the
+  classes with the 2nd..(k+1)-th highest logit at the clean image, k = min(9, classes - 1); only APGD-CE
+  when there are at most 2 classes. Each targeted run maximises minus the targeted DLR loss
 
       loss = -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)
 
   with z the logits, y the true class, t the target and z_pi1 >= z_pi2 >= ... the sorted logits (with
   fewer than four classes the denominator is z_pi1 - z_piC + 1e-12).
 
-Where the targets come from: APGD-T ranks the classes by the logits of the image it starts from (the
-clean image). ``objective`` does not see the images, so the ranking is taken from the logits at the first
-point the objective evaluates a sample (its ``score`` or any stage's loss; an attack evaluates the clean
-image first), or from ``x_clean`` when the caller passes it. All targeted stages share that ranking, so
-the targets are distinct.
+The iteration count is the attack's ``steps`` (100 in RobustVLM). ``initial_step`` / ``random_start`` set to
+None take the attack's own values (BPDA+EOT runs ``attacks: [apgd-ce]`` with one restart). Where the targets
+come from: the logits at ``x_clean`` when the caller passes it, else at the first point the objective
+evaluates a sample (its ``score``, which every attack calls on the clean images first).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.base import Objective, Stage
+from attacks.config import ZERO_SHOT_ATTACKS
 from evaluators.datasets.base import SampleSource
 from evaluators.errors import ConfigError
 from evaluators.metrics.accuracy import top1
@@ -37,8 +40,9 @@ from evaluators.vlms.base import VLM, VLMAdapter
 
 log = logging.getLogger(__name__)
 
-#: APGD-T's number of target classes (AutoAttack's standard setting)
-N_TARGET_CLASSES = 9
+#: RobustVLM's zero-shot protocol (AutoAttack custom ["apgd-ce", "apgd-t"])
+ZERO_SHOT: dict[str, Any] = {"attacks": ["apgd-ce", "apgd-t"], "ce_restarts": 5, "target_classes": 9,
+                             "initial_step": 2.0, "random_start": True}
 
 
 def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -100,18 +104,19 @@ class ClassificationTask(Task):
             labels.append(int((sample if sample is not None and "label" in sample else self.source.get(i))["label"]))
         return {"top1": 100.0 * top1([int(p) for p in predictions.values()], labels)}
 
-    def objective(
-        self,
-        vlm: VLMAdapter,
-        batch: list[dict[str, Any]],
-        schedule: str,
-        x_clean: torch.Tensor | None = None,
-    ) -> Objective:
-        """``x_clean`` (optional): the batch's clean images, to rank the APGD-T targets up front."""
+    def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
+                  x_clean: torch.Tensor | None = None, protocol: dict[str, Any] | None = None) -> Objective:
+        """``protocol``: overrides of ``ZERO_SHOT`` (``attack.zero_shot``); ``x_clean`` (optional): the batch's
+        clean images, to rank the APGD-T targets up front."""
         if schedule not in ("single", "ensemble"):
             raise ValueError(f"schedule must be 'single' or 'ensemble', got {schedule!r}")
+        proto = {**ZERO_SHOT, **(protocol or {})}
+        unknown = [a for a in proto["attacks"] if a not in ZERO_SHOT_ATTACKS]
+        if unknown or not proto["attacks"]:
+            raise ValueError(f"attack.zero_shot.attacks must be a non-empty subset of {list(ZERO_SHOT_ATTACKS)}, "
+                             f"got {list(proto['attacks'])}")
         labels = torch.tensor([int(s["label"]) for s in batch], dtype=torch.long)
-        n_targets = min(N_TARGET_CLASSES, len(self.classnames) - 1)
+        n_targets = min(int(proto["target_classes"]), len(self.classnames) - 1)
         ranking: dict[int, torch.Tensor] = {}  # batch row -> classes by decreasing reference logit
 
         def remember(rows: list[int], z: torch.Tensor) -> None:
@@ -139,9 +144,16 @@ class ClassificationTask(Task):
 
             return loss
 
-        stages = [Stage("ce", ce)]
-        if schedule == "ensemble":
-            stages += [Stage(f"dlr-target-{k + 1}", dlr_target(k), targeted=True) for k in range(1, n_targets + 1)]
+        run = {"initial_step": proto["initial_step"], "random_start": proto["random_start"]}
+        stages = []
+        if "apgd-ce" in proto["attacks"]:
+            stages.append(Stage("ce", ce, restarts=int(proto["ce_restarts"]), **run))
+        if "apgd-t" in proto["attacks"] and len(self.classnames) > 2:
+            stages += [Stage(f"dlr-target-{k + 1}", dlr_target(k), targeted=True, target=k, **run)
+                       for k in range(1, n_targets + 1)]
+        if not stages:
+            raise ValueError(f"attack.zero_shot.attacks={list(proto['attacks'])} leaves no stage for "
+                             f"{len(self.classnames)} classes")
 
         def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             rows = [int(r) for r in index.tolist()]
@@ -150,8 +162,15 @@ class ClassificationTask(Task):
             remember(rows, z)
             return (z.argmax(dim=1).cpu() == labels[rows]).float().to(x.device)
 
-        return Objective(stages=stages, score=score, success_below=0.0,
-                         extra={"schedule": schedule, "metric": "top1"})
+        def judge(draws: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+            """DiffPure's verdict: logits averaged over the purification draws, then top-1."""
+            rows = [int(r) for r in index.tolist()]
+            with torch.no_grad():
+                z = torch.stack([self.logits(vlm, d).float() for d in draws]).mean(0)
+            return (z.argmax(dim=1).cpu() == labels[rows]).float()
+
+        return Objective(stages=stages, score=score, success_below=0.0, judge=judge,
+                         extra={"schedule": "zero_shot", "protocol": proto, "metric": "top1"})
 
     def references(self, sample: dict[str, Any]) -> dict[str, Any]:
         """``{"label": int, "classname": str}``: with ``id`` this rebuilds what ``aggregate`` reads."""

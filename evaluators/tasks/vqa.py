@@ -7,8 +7,8 @@ Attack schedules (``objective``):
   strings, ties in annotator order, as RobustVLM ranks them; an image with fewer distinct answers skips
   the extra stages), then the most common answer again in float32, then two TARGETED stages in float32
   that push the answer towards "maybe" and towards "Word" (loss = minus the target's cross-entropy).
-  RobustVLM's float32 untargeted stage starts from the best image so far and uses, per question, the
-  answer whose stage did best; a ``Stage`` has no per-sample choice, so the most common answer is used.
+  The float32 untargeted stage starts from the best image so far and attacks, per question, the answer
+  whose stage did best (the most common one while no stage improved on the clean image), as RobustVLM.
 
 The attack stops on a question once its VQA accuracy is <= ``attack_success_below`` (0: wrong).
 """
@@ -88,7 +88,7 @@ class VQATask(Task):
         return {"vqa_acc": 100.0 * sum(accs) / len(accs)}
 
     def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
-                  x_clean: torch.Tensor | None = None) -> Objective:
+                  x_clean: torch.Tensor | None = None, protocol: dict[str, Any] | None = None) -> Objective:
         if schedule not in ("single", "ensemble"):
             raise ValueError(f"schedule must be 'single' or 'ensemble', got {schedule!r}")
         questions = self.build_prompts(vlm, batch)  # the prompt strings (question + framing)
@@ -100,8 +100,10 @@ class VQATask(Task):
 
             return fn
 
-        def untargeted(k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-            targets = [(q, r[k]) if k < len(r) else None for q, r in zip(questions, ranked, strict=True)]
+        def untargeted(k: int | list[int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            """Loss of the k-th most common answer, or of the k[r]-th for batch row r."""
+            ks = k if isinstance(k, list) else [k] * len(questions)
+            targets = [(q, r[j]) if j < len(r) else None for q, r, j in zip(questions, ranked, ks, strict=True)]
             fn = answer_fn(1.0)
 
             def loss(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -121,8 +123,9 @@ class VQATask(Task):
         if schedule == "single":
             stages = [Stage("answer-0", untargeted(0))]
         else:
-            stages = [Stage(f"answer-{k}", untargeted(k)) for k in range(N_ENSEMBLE_ANSWERS)]
-            stages.append(Stage("answer-0-fp32", untargeted(0), dtype="float32", start="best"))
+            stages = [Stage(f"answer-{k}", untargeted(k), target=k) for k in range(N_ENSEMBLE_ANSWERS)]
+            stages.append(Stage("answer-best-fp32", dtype="float32", start="best",
+                                follow_best=lambda best: untargeted([0 if k is None else k for k in best])))
             stages += [Stage(f"target-{t}", targeted(t), targeted=True, dtype="float32") for t in ENSEMBLE_TARGETS]
 
         def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
