@@ -20,10 +20,11 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
 def main(cfg: DictConfig) -> None:
+    from evaluators.jobs import guarded
     from evaluators.runner import run
 
     try:
-        run(cfg)
+        guarded(lambda: run(cfg), cfg.paths.output_dir)  # in a multirun a failing job is recorded, others go on
     except Exception as e:  # noqa: BLE001 (report() re-raises what is not a user error)
         sys.exit(report(e))
 

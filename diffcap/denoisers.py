@@ -16,7 +16,10 @@ that grid times k / N held in float32 map to k, not k - 1.
 
 Note the index convention: guided-diffusion's index i denotes the state after i + 1 forward steps
 (``alphas_cumprod[i]``), i.e. t = (i + 1) / N, so floor(N t) is one step later than exact; this is
-DiffPure's behaviour and is kept.
+DiffPure's behaviour for its SDE runner and is kept there. ``predict(x, i)`` instead hands the network
+guided-diffusion's index itself and also returns the learned-variance channels: that is what DiffPure's DDPM
+runner does, and what ``diffcap.samplers.DDPMAncestral`` calls. The noise schedule is ``schedule``
+(a ``diffcap.schedule.Schedule`` built from the config's betas).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from diffcap.schedule import Schedule
 from diffcap.unet import GUIDED_DIFFUSION_256_UNCOND_FLAGS, UNetModel
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,11 @@ class Denoiser(nn.Module):
     def learn_sigma(self) -> bool:
         return self.unet.learn_sigma
 
+    @property
+    def schedule(self) -> Schedule:
+        """The noise schedule the network was trained on (samplers and purifiers read it from here)."""
+        return Schedule.from_betas(self.beta_start, self.beta_end, self.num_timesteps)
+
     def discrete_timesteps(self, t: Tensor) -> Tensor:
         """Continuous t in [0, 1] -> the timestep values the UNet was trained on."""
         if torch.any(t < 0) or torch.any(t > 1):
@@ -100,18 +109,30 @@ class Denoiser(nn.Module):
             return torch.floor(t.double() * n + 1e-3).long().clamp(0, n - 1)
         return t.float() * (n - 1)
 
-    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def _check_images(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             raise ValueError(
                 f"expected images (B, 3, {self.resolution}, {self.resolution}), got {tuple(x.shape)}"
             )
+
+    def predict(self, x: Tensor, index: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The network at guided-diffusion's discrete ``index`` (B,): eps and, with ``learn_sigma``, the
+        variance channels (in [-1, 1], guided-diffusion's learned range); both float32."""
+        self._check_images(x)
+        index = torch.as_tensor(index, device=x.device)
+        if index.shape != (x.shape[0],):
+            raise ValueError(f"index must have shape ({x.shape[0]},), got {tuple(index.shape)}")
+        out = self.unet(x.float(), index).float()
+        return (out[:, :3], out[:, 3:]) if self.unet.learn_sigma else (out, None)
+
+    def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
+        self._check_images(x)
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
-        out = self.unet(x.float(), self.discrete_timesteps(t))
-        return out[:, :3] if self.unet.learn_sigma else out
+        return self.predict(x, self.discrete_timesteps(t))[0]
 
     def config(self) -> dict[str, Any]:
         """Everything needed to rebuild this denoiser (written to config.json)."""
@@ -247,18 +268,9 @@ def load_shapes_denoiser(
     return den
 
 
-def linear_alphas_cumprod(
-    num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-) -> Tensor:
-    """Discrete abar_k = prod_{i<=k} (1 - beta_i) of the linear DDPM schedule, float64, shape (N,)."""
-    betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
-
-
 __all__ = [
     "Denoiser",
     "build_denoiser",
-    "linear_alphas_cumprod",
     "load_guided_diffusion",
     "load_shapes_denoiser",
     "save_denoiser",

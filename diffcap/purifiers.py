@@ -1,8 +1,9 @@
-"""DiffPure and DiffCAP purifiers (DESIGN.md sections 1 and 2), built from configs with ``_target_``.
+"""DiffPure and DiffCAP purifiers, built from configs with ``_target_``.
 
-Both take images in [0, 1] at the VLM's resolution R, resize them bilinearly (antialias off, as DiffPure)
-to the denoiser's resolution, map to [-1, 1], noise and denoise there, map back, clamp to [0, 1] and resize
-back to R. All randomness comes from one ``torch.Generator`` per image, drawn in a fixed per-image order, so
+Both take images in [0, 1] at the VLM's resolution R, resize them bilinearly to the denoiser's resolution
+(``antialias``: false by default, as DiffPure's ``F.interpolate(..., mode="bilinear", align_corners=False)``;
+true low-pass filters when shrinking), map to [-1, 1], noise and denoise there, map back, clamp to [0, 1] and
+resize back to R (same ``antialias``). All randomness comes from one ``torch.Generator`` per image, drawn in a fixed per-image order, so
 a batch gives the same per-image results as the same images purified one at a time.
 
 ``PurifyInfo.seconds`` divides the batch's wall time fairly: the time of each phase (denoiser loop, DiffCAP's
@@ -16,14 +17,15 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcap import schedule
 from diffcap.base import Purifier, PurifyInfo
 from diffcap.samplers import ReverseSDE, Sampler, per_image_noise
+from diffcap.schedule import Schedule, schedule_of
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +36,10 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def _share(phases: Sequence[tuple[float, torch.Tensor]], n: int) -> list[float]:
@@ -61,14 +63,24 @@ def bpda(purifier: Purifier, x: torch.Tensor, generators: Sequence[torch.Generat
 
 
 class DiffusionPurifier(Purifier):
-    """Shared plumbing: resizing, [0, 1] <-> [-1, 1], the device the denoiser lives on, and checks."""
+    """Shared plumbing: resizing, [0, 1] <-> [-1, 1], the device the denoiser lives on, and checks.
+
+    The noise schedule is the denoiser's own (``schedule_of``), so noising and denoising always agree.
+    """
 
     randomized = True
 
-    def __init__(self, denoiser: nn.Module, sampler: Sampler | None = None):
+    def __init__(self, denoiser: nn.Module, sampler: Sampler | None = None, antialias: bool = False):
         super().__init__()
+        if not isinstance(antialias, bool):
+            raise ValueError(f"defense.antialias must be true or false, got {antialias!r}")
         self.denoiser = denoiser
         self.sampler = sampler if sampler is not None else ReverseSDE()
+        self.antialias = antialias
+
+    @property
+    def schedule(self) -> Schedule:
+        return schedule_of(self.denoiser)
 
     @property
     def resolution(self) -> int:
@@ -79,11 +91,10 @@ class DiffusionPurifier(Purifier):
         return p.device if p is not None else x.device
 
     def _to_model(self, x: torch.Tensor) -> torch.Tensor:
-        return _resize(x.float(), self.resolution) * 2 - 1
+        return _resize(x.float(), self.resolution, self.antialias) * 2 - 1
 
-    @staticmethod
-    def _to_pixels(z: torch.Tensor, size: int) -> torch.Tensor:
-        return _resize(((z + 1) / 2).clamp(0, 1), size).clamp(0, 1)
+    def _to_pixels(self, z: torch.Tensor, size: int) -> torch.Tensor:
+        return _resize(((z + 1) / 2).clamp(0, 1), size, self.antialias).clamp(0, 1)
 
     @staticmethod
     def _check_batch(x: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
@@ -96,16 +107,20 @@ class DiffusionPurifier(Purifier):
 class DiffPure(DiffusionPurifier):
     """Nie et al. 2022: noise every image to the fixed time t* in closed form, then reverse to 0.
 
-    The closed-form noising uses the continuous abar(t*) (DiffPure indexes the discrete alphas_cumprod;
-    the two differ by 0.1 % at t* = 0.15). With ``ReverseSDE(dt=1e-3)`` t* = 0.15 costs 150 denoiser evaluations.
+    As DiffPure's runners: t* is turned into k* = round(N t*) discrete steps and the image is noised with the
+    discrete ``alphas_cumprod[k* - 1]`` (= abar of x_{k*}; the continuous abar(t*) is 0.1 % off at t* = 0.15),
+    then the sampler starts at t*. With ``ReverseSDE(dt=1e-3)`` t* = 0.15 costs 150 denoiser evaluations.
     ``sampler`` defaults to ``ReverseSDE()``.
     """
 
-    def __init__(self, denoiser: nn.Module, t_star: float = 0.15, sampler: Sampler | None = None):
-        super().__init__(denoiser, sampler)
+    def __init__(self, denoiser: nn.Module, t_star: float = 0.15, sampler: Sampler | None = None,
+                 antialias: bool = False):
+        super().__init__(denoiser, sampler, antialias)
         if not 0 < t_star <= 1:
             raise ValueError(f"defense.t_star must be in (0, 1], got {t_star}")
         self.t_star = float(t_star)
+        if int(self.schedule.steps(self.t_star)) < 1:
+            raise ValueError(f"defense.t_star={t_star} is shorter than one of the {self.schedule.num_steps} steps")
 
     @torch.no_grad()
     def purify(self, x, generators):
@@ -115,7 +130,9 @@ class DiffPure(DiffusionPurifier):
         start = _now(dev)
         z = self._to_model(x.to(dev))
         t0 = _now(dev)
-        x_t = schedule.marginal_sample(z, schedule.alpha_bar(self.t_star), per_image_noise(z.shape[1:], generators, z))
+        sched = self.schedule
+        abar = sched.alpha_bars[int(sched.steps(self.t_star))]
+        x_t = sched.q_sample(z, abar, per_image_noise(z.shape[1:], generators, z))
         t_vec = torch.full((b,), self.t_star, dtype=torch.float64)
         out, evals = self.sampler.sample(self.denoiser, x_t, t_vec, generators)
         t1 = _now(dev)
@@ -127,6 +144,18 @@ class DiffPure(DiffusionPurifier):
             for e, s in zip(evals.tolist(), secs, strict=True)
         ]
         return y, infos
+
+
+@dataclass
+class Walk:
+    """DiffCAP's forward walk for a batch, in model space ([-1, 1] at the denoiser's resolution)."""
+
+    kept: torch.Tensor  # (B, 3, r, r): the state handed to the reverse pass
+    k_kept: torch.Tensor  # (B,) long: discrete steps of the kept state
+    moves: torch.Tensor  # (B,) long: forward moves walked
+    converged: torch.Tensor  # (B,) bool: passed the similarity test (False: stopped by the cap)
+    encoder_evals: torch.Tensor  # (B,) long: phi calls, x_0 included
+    similarities: torch.Tensor  # (B, checks) float64: cos of consecutive checked embeddings, NaN after stopping
 
 
 class DiffCAP(DiffusionPurifier):
@@ -158,8 +187,9 @@ class DiffCAP(DiffusionPurifier):
         step: int = 1,
         t_max: float = 0.3,
         check_every: int = 1,
+        antialias: bool = False,
     ):
-        super().__init__(denoiser, sampler)
+        super().__init__(denoiser, sampler, antialias)
         if not 0 < tau < 1:
             raise ValueError(f"defense.tau must be in (0, 1), got {tau}")
         if not 0 < t_max <= 1:
@@ -174,7 +204,7 @@ class DiffCAP(DiffusionPurifier):
             raise ValueError(f"defense.encoder must be 'vlm' or 'clip', got {encoder!r}")
         if encoder == "clip" and encoder_model is None:
             raise ValueError("defense.encoder_model must be given when defense.encoder is 'clip'")
-        self.max_moves = math.floor(t_max * schedule.NUM_STEPS / step + 1e-9)
+        self.max_moves = math.floor(t_max * self.schedule.num_steps / step + 1e-9)
         if self.max_moves < 1:
             raise ValueError(
                 f"defense.t_max={t_max} is shorter than one forward move of defense.step={step} DDPM steps"
@@ -201,60 +231,86 @@ class DiffCAP(DiffusionPurifier):
         return F.normalize(e.float().flatten(1), dim=1)
 
     @torch.no_grad()
-    def purify(self, x, generators):
-        self._check_batch(x, generators)
-        b, size, home = x.shape[0], x.shape[-1], x.device
-        dev = self._device(x)
-        n = schedule.NUM_STEPS
-        start = _now(dev)
-        z = self._to_model(x.to(dev))
-        t0 = _now(dev)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """phi of images in [0, 1], L2-normalised, after the same resize round trip as the walk's states."""
+        return self._phi(self._to_model(x.to(self._device(x))), x.shape[-1])
 
+    @torch.no_grad()
+    def walk(
+        self, x: torch.Tensor, generators: Sequence[torch.Generator], until_stable: bool = True,
+        moves: int | None = None,
+    ) -> Walk:
+        """The cumulative forward walk of images ``x`` in [0, 1] (one generator per image).
+
+        ``until_stable=False`` walks every image the full ``moves`` (default: up to t_max) and records the
+        similarity at every check without stopping (tau calibration); the kept state then follows ``keep`` at
+        the last check.
+        """
+        self._check_batch(x, generators)
+        sched, size = self.schedule, x.shape[-1]
+        n_moves = self.max_moves if moves is None else int(moves)
+        if not 1 <= n_moves * self.step <= sched.num_steps:
+            raise ValueError(f"walk: {n_moves} moves of {self.step} steps do not fit in {sched.num_steps} steps")
+        z = self._to_model(x.to(self._device(x)))
+        b, dev = z.shape[0], z.device
+        sims = torch.full((b, math.ceil(n_moves / self.check_every)), math.nan, dtype=torch.float64)
         emb = self._phi(z, size)
         enc = torch.ones(b, dtype=torch.long)
-        moves = torch.zeros(b, dtype=torch.long)
+        moves_t = torch.zeros(b, dtype=torch.long)
         k_kept = torch.zeros(b, dtype=torch.long)
         converged = torch.zeros(b, dtype=torch.bool)
         kept = torch.empty_like(z)
         active = torch.arange(b)  # images still walking; cur/prev/emb hold their rows only
-        cur, prev, k_prev = z, z, 0
-        for m in range(1, self.max_moves + 1):
+        cur, prev, k_prev, check = z, z, 0, 0
+        for m in range(1, n_moves + 1):
             noise = per_image_noise(z.shape[1:], [generators[i] for i in active.tolist()], z)
-            cur = schedule.forward_move(cur, (m - 1) * self.step, self.step, noise, n)
-            last = m == self.max_moves
+            cur = sched.forward_move(cur, (m - 1) * self.step, self.step, noise)
+            last = m == n_moves
             if m % self.check_every and not last:
                 continue
             e = self._phi(cur, size)
             enc[active] += 1
-            passed = ((e * emb).sum(1) > self.tau).cpu()
-            stop = passed | last
+            sim = (e * emb).sum(1).cpu()
+            sims[active, check] = sim.double()
+            check += 1
+            passed = sim > self.tau
+            stop = (passed if until_stable else torch.zeros_like(passed)) | last
             if stop.any():
                 ids = active[stop]
                 before = (passed & (self.keep == "before"))[stop]
                 sel = stop.to(dev)
                 kept[ids.to(dev)] = torch.where(before.to(dev).view(-1, 1, 1, 1), prev[sel], cur[sel])
                 k_kept[ids] = torch.where(before, k_prev, m * self.step)
-                moves[ids], converged[ids] = m, passed[stop]
+                moves_t[ids], converged[ids] = m, passed[stop]
             go = ~stop
             active, emb = active[go], e[go.to(dev)]
             cur = prev = cur[go.to(dev)]
             k_prev = m * self.step
             if not len(active):
                 break
-        t1 = _now(dev)
+        return Walk(kept, k_kept, moves_t, converged, enc, sims)
 
-        t_kept = k_kept.double() / n
-        out, evals = self.sampler.sample(self.denoiser, kept, t_kept, generators)
+    @torch.no_grad()
+    def purify(self, x, generators):
+        self._check_batch(x, generators)
+        b, size, home = x.shape[0], x.shape[-1], x.device
+        dev = self._device(x)
+        start = _now(dev)
+        w = self.walk(x, generators)
+        t1 = _now(dev)
+        t_kept = w.k_kept.double() / self.schedule.num_steps
+        out, evals = self.sampler.sample(self.denoiser, w.kept, t_kept, generators)
         t2 = _now(dev)
         y = self._to_pixels(out, size).to(home)
         end = _now(dev)
-        secs = _share([(t0 - start + end - t2, torch.ones(b)), (t1 - t0, enc), (t2 - t1, evals)], b)
+        secs = _share([(end - t2, torch.ones(b)), (t1 - start, w.encoder_evals), (t2 - t1, evals)], b)
         infos = [
             PurifyInfo(t=float(t), steps=int(s), denoiser_evals=int(d), encoder_evals=int(c), converged=bool(v),
                        seconds=sec)
             for t, s, d, c, v, sec in zip(
-                t_kept.tolist(), moves.tolist(), evals.tolist(), enc.tolist(), converged.tolist(), secs, strict=True
+                t_kept.tolist(), w.moves.tolist(), evals.tolist(), w.encoder_evals.tolist(),
+                w.converged.tolist(), secs, strict=True,
             )
         ]
-        log.debug("DiffCAP stopping steps %s, converged %s", moves.tolist(), converged.tolist())
+        log.debug("DiffCAP stopping steps %s, converged %s", w.moves.tolist(), w.converged.tolist())
         return y, infos

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from diffcap import schedule
+from diffcap.schedule import LINEAR, Schedule, schedule_of
 
 DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | nn.Module
 
@@ -31,11 +31,24 @@ def _eps(denoiser: DenoiserFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor
     return denoiser(x, t.to(device=x.device, dtype=torch.float32)).to(x.dtype)
 
 
+def _predict(denoiser: DenoiserFn, x: torch.Tensor, i: torch.Tensor,
+             sched: Schedule) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """eps (and the learned-variance channels, if any) at guided-diffusion index ``i`` (B,) long.
+
+    Denoisers with ``predict(x, i)`` (``diffcap.denoisers.Denoiser``) get the index itself; any other callable
+    is a fixed-variance eps model called at the continuous time ``i / N``.
+    """
+    if hasattr(denoiser, "predict"):
+        eps, var = denoiser.predict(x, i.to(x.device))
+        return eps.to(x.dtype), None if var is None else var.to(x.dtype)
+    return _eps(denoiser, x, i.double() / sched.num_steps), None
+
+
 class Sampler(ABC):
     """Integrates images from per-image start times back to t = 0."""
 
     @abstractmethod
-    def num_evals(self, t_start: torch.Tensor) -> torch.Tensor:
+    def num_evals(self, t_start: torch.Tensor, sched: Schedule = LINEAR) -> torch.Tensor:
         """Denoiser evaluations (B,) long that images started at ``t_start`` (B,) cost."""
 
     @abstractmethod
@@ -46,7 +59,10 @@ class Sampler(ABC):
         t_start: torch.Tensor,
         generators: Sequence[torch.Generator],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return x_0 (same shape as x_t) and the number of denoiser evaluations per image (B,) long."""
+        """Return x_0 (same shape as x_t) and the number of denoiser evaluations per image (B,) long.
+
+        The schedule is the denoiser's own (``schedule_of(denoiser)``).
+        """
 
 
 def _check(x_t: torch.Tensor, t_start: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
@@ -90,6 +106,9 @@ class ReverseSDE(Sampler):
     Image i takes ceil(t_start[i] / dt) steps on the grid j * dt; a start time off the grid gives that
     image one shorter first step. The denoiser is evaluated at the start of each step (never at t = 0),
     and noise is added at every step, the last included, as torchsde's Euler scheme does.
+
+    Departure from DiffPure: DiffPure integrates to t = 1e-5 (so its last step is 1e-5 shorter); this sampler
+    integrates to t = 0.
     """
 
     dt: float = 1e-3
@@ -98,44 +117,53 @@ class ReverseSDE(Sampler):
         if not 0 < self.dt <= 1:
             raise ValueError(f"sampler.dt must be in (0, 1], got {self.dt}")
 
-    def num_evals(self, t_start):
+    def num_evals(self, t_start, sched=LINEAR):
         t_start = torch.as_tensor(t_start, dtype=torch.float64)
         return torch.ceil(t_start / self.dt - 1e-6).clamp_min(0).long()
 
     def sample(self, denoiser, x_t, t_start, generators):
         t_start = _check(x_t, t_start, generators)
-        n_steps = self.num_evals(t_start)
+        sched = schedule_of(denoiser)
+        n_steps = self.num_evals(t_start, sched)
 
         def step(x: torch.Tensor, idx: torch.Tensor, j: int) -> torch.Tensor:
             t = torch.minimum(t_start[idx], torch.full_like(t_start[idx], j * self.dt))
             h = t - (j - 1) * self.dt
             eps = _eps(denoiser, x, t)
             z = per_image_noise(x.shape[1:], [generators[i] for i in idx.tolist()], x)
-            return schedule.reverse_sde_step(x, eps, t, h, z)
+            return sched.reverse_sde_step(x, eps, t, h, z)
 
         return _walk(x_t, n_steps, step)
 
 
 @dataclass(frozen=True)
 class DDPMAncestral(Sampler):
-    """Ancestral DDPM sampling on the 1000 discrete steps (posterior variance, "fixed small").
+    """Ancestral DDPM sampling on the discrete steps, as DiffPure's DDPM runner (guided-diffusion ``p_sample``).
 
-    Image i starts at x_k with k = round(t_start[i] * N) and takes k steps; the denoiser sees t = k / N.
+    Image i starts at x_k with k = round(t_start[i] * N) and takes k steps. The step from x_j to x_{j-1} hands
+    the network guided-diffusion's index j - 1 (the index x_j was trained at), predicts the clean image from
+    eps and clips it to [-1, 1] (``clip_denoised``, DiffPure: true), takes the posterior mean, and samples with
+    the learned variance when the denoiser has ``learn_sigma`` (guided-diffusion's learned range), else with the
+    posterior variance. Departure: guided-diffusion would use beta ("fixed large") for a model without learned
+    variance and default flags; the posterior variance ("fixed small") is used here. Noise is drawn at every
+    step (the last step adds none), so every image consumes its generator in the same order.
     """
 
-    num_steps: int = schedule.NUM_STEPS
+    clip_denoised: bool = True
 
-    def num_evals(self, t_start):
-        return torch.round(torch.as_tensor(t_start, dtype=torch.float64) * self.num_steps).long()
+    def num_evals(self, t_start, sched=LINEAR):
+        return sched.steps(t_start)
 
     def sample(self, denoiser, x_t, t_start, generators):
         t_start = _check(x_t, t_start, generators)
-        n_steps = self.num_evals(t_start)
+        sched = schedule_of(denoiser)
+        n_steps = self.num_evals(t_start, sched)
 
         def step(x: torch.Tensor, idx: torch.Tensor, j: int) -> torch.Tensor:
-            eps = _eps(denoiser, x, torch.full((len(idx),), j / self.num_steps, dtype=torch.float64))
-            z = per_image_noise(x.shape[1:], [generators[i] for i in idx.tolist()], x)
-            return schedule.ddpm_step(x, eps, j, z, self.num_steps)
+            i = torch.full((len(idx),), j - 1, dtype=torch.long)
+            eps, var = _predict(denoiser, x, i, sched)
+            z = per_image_noise(x.shape[1:], [generators[k] for k in idx.tolist()], x)
+            return sched.ddpm_step(x, eps, i, z, var, self.clip_denoised)
 
         return _walk(x_t, n_steps, step)
 
@@ -146,6 +174,7 @@ class DDIM(Sampler):
 
     An image with t_start < steps / N takes ceil(t_start * N) steps instead (no finer than one DDPM step).
     All images step in the same rounds with their own times, so a batch costs max_i(steps_i) calls.
+    DiffPure has no DDIM reverse pass; this one is the project's (no clipping of the predicted clean image).
     """
 
     steps: int = 10
@@ -157,14 +186,15 @@ class DDIM(Sampler):
         if self.eta < 0:
             raise ValueError(f"sampler.eta must be >= 0, got {self.eta}")
 
-    def num_evals(self, t_start):
+    def num_evals(self, t_start, sched=LINEAR):
         t_start = torch.as_tensor(t_start, dtype=torch.float64)
-        fine = torch.ceil(t_start * schedule.NUM_STEPS - 1e-6).clamp_min(0).long()
+        fine = torch.ceil(t_start * sched.num_steps - 1e-6).clamp_min(0).long()
         return torch.clamp(fine, max=self.steps)
 
     def sample(self, denoiser, x_t, t_start, generators):
         t_start = _check(x_t, t_start, generators)
-        n_steps = self.num_evals(t_start)
+        sched = schedule_of(denoiser)
+        n_steps = self.num_evals(t_start, sched)
 
         def step(x: torch.Tensor, idx: torch.Tensor, j: int) -> torch.Tensor:
             t0, n = t_start[idx], n_steps[idx].double()
@@ -173,7 +203,6 @@ class DDIM(Sampler):
             z = None
             if self.eta > 0:
                 z = per_image_noise(x.shape[1:], [generators[i] for i in idx.tolist()], x)
-            return schedule.ddim_step(x, eps, t, t_next.clamp_min(0), z, self.eta)
+            return sched.ddim_step(x, eps, t, t_next.clamp_min(0), z, self.eta)
 
         return _walk(x_t, n_steps, step, countdown=False)
-

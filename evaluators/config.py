@@ -118,7 +118,8 @@ BOOL = Check("bool")
 
 #: every value a run reads, checked when its group is selected (a key absent from the config is skipped)
 CHECKS: dict[str, Check] = {
-    "n_samples": POSITIVE_INT, "batch_size": POSITIVE_INT, "torch_threads": Check("int", lo=1, optional=True),
+    "n_samples": Check("int", lo=1, optional=True),  # null: the whole split
+    "batch_size": POSITIVE_INT, "torch_threads": Check("int", lo=1, optional=True),
     "seed.subset": Check("int", lo=0), "seed.noise": Check("int", lo=0), "resume": BOOL,
     "harness_version": POSITIVE_INT,
     "attack.eps": Check("num", lo=1, hi=64, unit="in 1/255 units"), "attack.steps": POSITIVE_INT,
@@ -127,13 +128,13 @@ CHECKS: dict[str, Check] = {
     "attack.precision": Check("enum", choices=("float32", "float16", "bfloat16")),
     "attack.adaptive": BOOL, "attack.from_cache": BOOL,
     "attack.method.apgd.initial_step": Check("num", lo=0, lo_open=True),
-    "attack.method.apgd.momentum": Check("num", lo=0, hi=1), "attack.method.apgd.rho": UNIT_OPEN,
+    "attack.method.apgd.step_weight": UNIT_HALF_OPEN, "attack.method.apgd.rho": UNIT_OPEN,
     "attack.method.apgd.random_start": BOOL,
     "defense.tau": UNIT_OPEN, "defense.encoder": Check("enum", choices=("vlm", "clip")),
     "defense.keep": Check("enum", choices=("before", "after")), "defense.step": POSITIVE_INT,
     "defense.t_max": UNIT_HALF_OPEN, "defense.t_star": UNIT_HALF_OPEN, "defense.check_every": POSITIVE_INT,
     "defense.eval_draws": POSITIVE_INT, "defense.sampler.steps": POSITIVE_INT, "defense.sampler.dt": UNIT_OPEN,
-    "defense.sampler.eta": Check("num", lo=0),
+    "defense.sampler.eta": Check("num", lo=0), "defense.antialias": BOOL, "defense.sampler.clip_denoised": BOOL,
     "dataset.prepare.n_train": POSITIVE_INT, "dataset.prepare.n_test": POSITIVE_INT,
     "dataset.prepare.size": Check("int", lo=8), "dataset.prepare.seed": Check("int", lo=0),
     "logger.mode": Check("enum", choices=("online", "offline", "disabled")), "logger.n_images": Check("int", lo=0),
@@ -257,7 +258,13 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{group}={cfg[group].name} is not available yet: {reason}")
     if isinstance(cfg.get("tasks"), str):  # tasks=classification: one task, without the list brackets
         cfg.tasks = [cfg.tasks]
+    from attacks.config import validate_attack
+
+    validate_attack(cfg.attack)
     for checker in CHECKERS:
         checker(cfg)
     check_device(cfg.get("device", "cpu"))
     select_tasks(cfg, vlm_tasks(cfg))
+    from evaluators.sharding import check as check_shards
+
+    check_shards(cfg)

@@ -24,8 +24,9 @@ from evaluators.errors import IntegrityError
 log = logging.getLogger(__name__)
 
 PUBLISHED = "SHA256SUMS"
-#: keys of a model node that name a checkpoint file or folder
-CHECKPOINT_KEYS = ("path", "checkpoint", "weights")
+#: keys of a model node that name a checkpoint file or folder (OpenFlamingo's are open_flamingo's argument names)
+CHECKPOINT_KEYS = ("path", "checkpoint", "weights", "lang_encoder_path", "tokenizer_path", "clip_vision_encoder_path",
+                   "clip_vision_encoder_pretrained")
 #: files of a checkpoint folder that do not change results
 NOT_WEIGHTS = (PUBLISHED, "README.md")
 

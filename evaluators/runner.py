@@ -6,7 +6,6 @@ both again after purification (over ``defense.eval_draws`` purification draws). 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -15,18 +14,20 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-from attacks.base import check_invariants
+from attacks.orchestrate import adversarial_images
 from diffcap.base import Purifier
 from evaluators import results, run_folder
 from evaluators.config import select_tasks, validate
+from evaluators.datasets.manifests import evaluated_subset
 from evaluators.errors import ConfigError, DataError, HarnessError
 from evaluators.fingerprints import annotation_paths, checkpoint_paths, fingerprint_run
 from evaluators.images import load_images
 from evaluators.run_folder import RUN_CONFIG, without_places  # noqa: F401 (scripts read RUN_CONFIG here)
-from evaluators.seeding import derive_seed, generators, select_subset
+from evaluators.seeding import derive_seed, generators
+from evaluators.sharding import shard_slice
 from evaluators.summary import summarise, write_summary
 from evaluators.tasks.base import Task
 from evaluators.vlms.base import VLMAdapter
@@ -106,6 +107,8 @@ def build(cfg: DictConfig, run_dir: Path, previous: dict | None = None) -> Harne
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     names = select_tasks(cfg, vlm_tasks(cfg))
+    if cfg.vlm.get("check") is not None:
+        instantiate(cfg.vlm.check)  # the model's files, before data or weights load: a wrong path fails at once
     if "captioning" in names:
         from evaluators.metrics.cider import check_java
 
@@ -117,7 +120,9 @@ def build(cfg: DictConfig, run_dir: Path, previous: dict | None = None) -> Harne
                                   {**checkpoint_paths(cfg), **annotation_paths(cfg, names)})
     vlm: VLMAdapter = instantiate(cfg.vlm.model)
     vlm = vlm.to(device).eval().requires_grad_(False)
-    tasks = {name: instantiate(cfg.dataset.tasks[name]) for name in select_tasks(cfg, vlm.tasks)}
+    # demonstrations are drawn per sample with seed.subset (a run-level seed, so not part of the task config)
+    tasks = {name: instantiate(cfg.dataset.tasks[name], demo_seed=int(cfg.seed.subset))
+             for name in select_tasks(cfg, vlm.tasks)}
     defense = build_defense(cfg, vlm, device)
     attack = instantiate(cfg.attack.method) if cfg.attack.get("method") is not None else None
     cache = None
@@ -150,17 +155,18 @@ def build_defense(cfg: DictConfig, vlm: VLMAdapter, device: torch.device) -> Pur
 
 
 def run_task(h: Harness, name: str, task: Task) -> None:
-    ids = task.source.ids
-    subset = select_subset(ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+    drawn = evaluated_subset(task.source, name, h.cfg.n_samples, int(h.cfg.seed.subset),
+                             h.cfg.dataset.get("manifests"))
+    subset = drawn["ids"]
     manifest = results.manifest_path(h.run_dir, name)
     if manifest.exists():
         listed = run_folder.read_json(manifest, f"the evaluated subset of {name}")
         if not isinstance(listed, dict) or listed.get("ids") != subset:
             raise ConfigError(f"{manifest} lists another subset than this config draws; delete the run folder")
-    results.write_json_atomic(manifest, {"task": name, "seed": int(h.cfg.seed.subset), "n": len(subset),
-                                         "of": len(ids), "ids": subset})
+    results.write_json_atomic(manifest, drawn)
     task.prepare(subset)
     h.subsets[name] = subset
+    subset = shard_slice(subset, h.cfg)  # sharded job: its part only; the idf above comes from the whole subset
     bs = int(h.cfg.batch_size)
     batches = [subset[i : i + bs] for i in range(0, len(subset), bs)]
     done = results.completed_batches(h.run_dir, name, {b: len(ids_b) for b, ids_b in enumerate(batches)})
@@ -267,84 +273,6 @@ def save_examples(folder: Path, task: str, shown: dict[str, torch.Tensor], n: in
 
 
 # --------------------------------------------------------------------------------------------- attacks
-
-
-def adversarial_images(h: Harness, name: str, task: Task, samples: list[dict],
-                       x: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-    """Adversarial images for a batch, from the cache where possible; checked against the eps-ball and box."""
-    acfg = h.cfg.attack
-    adaptive = bool(acfg.get("adaptive", False))
-    keys = [h.cache.key({**key_material(h, name, task, adaptive), "image": _pixels_hash(x[j])})
-            for j in range(len(samples))]
-    read = bool(acfg.get("from_cache", True))
-    cached = [h.cache.get(k, like=x[j]) if read else None for j, k in enumerate(keys)]
-    miss = [j for j, c in enumerate(cached) if c is None]
-    x_adv = x.clone()
-    info: list[dict] = [{} for _ in samples]
-    for j, c in enumerate(cached):
-        if c is not None:
-            x_adv[j] = c[0].to(x)
-            info[j] = {**c[1].get("info", {}), "cache": "hit"}
-    if miss:
-        sub = [samples[j] for j in miss]
-        objective = task.objective(h.vlm, sub, acfg.schedule, x_clean=x[miss].detach())
-        xs = x[miss].detach()
-        if adaptive:
-            seeds = [derive_seed(h.cfg.seed.noise, name, s["id"], "attack") for s in sub]
-            x_new, new_info = h.attack(objective, xs, h.defense, seeds)
-        else:
-            x_new, new_info = h.attack(objective, xs)
-        for k, j in enumerate(miss):
-            x_adv[j] = x_new[k].to(x)
-            row = _jsonable(new_info[k]) if isinstance(new_info, list) else {}
-            h.cache.put(keys[j], x_new[k].detach().float().cpu().contiguous(),
-                        {"id": samples[j]["id"], "attack": acfg.name, "eps": acfg.eps, "info": row})
-            info[j] = {**row, "cache": "miss"}
-    eps = float(acfg.eps) / 255.0
-    checks = check_invariants(x_adv, x, eps)
-    for j, c in enumerate(checks):
-        info[j].update({"linf_255": c["linf_255"], "in_box": c["min"] >= 0 and c["max"] <= 1, "invariants_ok": c["ok"]})
-    return x_adv, info
-
-
-def key_material(h: Harness, name: str, task: Task, adaptive: bool) -> dict[str, Any]:
-    """What an adversarial image depends on besides its pixels (see attacks/cache.py); no paths, so a moved
-    checkpoint or data set still hits, and changed weights miss."""
-    # a Harness built outside build() (scripts) has none yet: fingerprint the weights now (cached, so cheap)
-    weights = (h.fingerprints or fingerprint_run(h.cfg, []))["weights"]
-    task_cfg = OmegaConf.to_container(h.cfg.dataset.tasks[name], resolve=True)
-    material: dict[str, Any] = {
-        "weights": {k: v for k, v in weights.items() if k.startswith("vlm")},
-        "vlm": without_places(OmegaConf.to_container(h.cfg.vlm, resolve=True)),
-        "task": without_places(task_cfg),
-        "attack": OmegaConf.to_container(h.cfg.attack, resolve=True),
-        "seed": int(h.cfg.seed.noise), "harness_version": int(h.cfg.harness_version),
-    }
-    if type(task).prepare is not Task.prepare:  # the metric depends on the evaluated subset (CIDEr's idf)
-        ids = h.subsets.get(name) or select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
-        material["subset"] = hashlib.sha256("\x1f".join(ids).encode()).hexdigest()
-    if adaptive:
-        defense = OmegaConf.to_container(h.cfg.defense, resolve=True)
-        defense.pop("eval_draws", None)
-        material["defense"] = {"config": without_places(defense), "weights": weights}
-    return material
-
-
-def _pixels_hash(x: torch.Tensor) -> str:
-    t = x.detach().float().cpu().contiguous()
-    return hashlib.sha256(str(tuple(t.shape)).encode() + t.numpy().tobytes()).hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
 
 
 # --------------------------------------------------------------------------------------------- reporting

@@ -85,7 +85,14 @@ def attack_stats(records: list[dict]) -> dict[str, Any]:
         "all_invariants_ok": all(a["invariants_ok"] for a in rows),
         "cache_hits": sum(a.get("cache") == "hit" for a in rows),
         "cache_misses": sum(a.get("cache") == "miss" for a in rows),
+        **verdict_stats(rows),
     }
+
+
+def verdict_stats(rows: list[dict]) -> dict[str, Any]:
+    """DiffPure's verdict of BPDA+EOT (any judged iterate broke the image): robust accuracy x100."""
+    judged = [a["broken"] for a in rows if a.get("broken") is not None]
+    return {"verdict_any_iterate_robust": 100.0 * (1 - float(np.mean(judged)))} if judged else {}
 
 
 def summarise(run_dir: Path, cfg: DictConfig, tasks: dict[str, Task], extra: dict | None = None) -> dict:

@@ -4,7 +4,8 @@ against one image at a time. Ratios are what to read: this machine's absolute se
     python scripts/benchmark_purifiers.py                       # shapes world, grey-box APGD images
     python scripts/benchmark_purifiers.py n_samples=64 attack.eps=2 --repeats 3
 
-Arguments of the form key=value are Hydra overrides of configs/run.yaml (the same as run.py takes); the
+Arguments of the form key=value are Hydra overrides of configs/run.yaml (the same as run.py takes). The
+VLM, task, DiffCAP and attack are built by the runner's own ``build``, DiffPure by its ``build_defense``; the
 adversarial images come from the harness's attack (and its cache, so a finished grey-box run makes them free).
 Writes results/benchmarks/purifiers_<dataset>.json and .md.
 """
@@ -14,29 +15,37 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
-
-from evaluators.config import PROJECT_ROOT, compose_config  # noqa: E402
-from evaluators.errors import cli  # noqa: E402
-from evaluators.pairs import clean_and_adversarial  # noqa: E402
-from evaluators.seeding import derive_seed, generators  # noqa: E402
+from evaluators.config import PROJECT_ROOT, compose_config, validate
+from evaluators.errors import DataError, cli
+from evaluators.images import load_images
+from evaluators.runner import Harness, adversarial_images, build, build_defense
+from evaluators.seeding import derive_seed, generators, select_subset
 
 log = logging.getLogger("benchmark_purifiers")
 
 
-def build_purifier(overrides: list[str], defense: str, vlm: torch.nn.Module):
-    cfg = compose_config([*overrides, f"defense={defense}"])
-    purifier = instantiate(cfg.defense.purifier).eval()
-    purifier.attach(vlm)
-    return purifier
+def clean_and_adversarial(h: Harness, task_name: str) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """The evaluated subset of ``task_name`` (``n_samples``, ``seed.subset``) and its ``attack`` images."""
+    task = h.tasks[task_name]
+    ids = select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+    task.prepare(ids)
+    h.subsets[task_name] = ids
+    samples = [task.source.get(i) for i in ids]
+    images, errors = load_images([s["image_path"] for s in samples])
+    if any(errors):
+        raise DataError(f"{sum(e is not None for e in errors)} of {len(errors)} images cannot be read (e.g. "
+                        f"{next(e for e in errors if e)}); fix the data")
+    x = h.vlm.to_pixels(images).to(torch.device(h.cfg.device))
+    bs = int(h.cfg.batch_size)
+    x_adv = torch.cat([adversarial_images(h, task_name, task, samples[i : i + bs], x[i : i + bs])[0]
+                       for i in range(0, len(samples), bs)])
+    return samples, x, x_adv
 
 
 def timed_purify(purifier, x: torch.Tensor, seeds: list[int], batch: int) -> dict:
@@ -65,13 +74,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args, overrides = parser.parse_known_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = ["attack=apgd", "n_samples=32", *overrides]
-    cfg = compose_config(overrides)
-    pairs = clean_and_adversarial(cfg, args.task)
-    vlm, samples, x, x_adv = pairs.vlm, pairs.samples, pairs.x, pairs.x_adv
+    overrides = ["attack=apgd", "n_samples=32", f"tasks=[{args.task}]", *overrides]
+    cfg = compose_config([*overrides, "defense=diffcap"])
+    validate(cfg)
+    diffpure_cfg = compose_config([*overrides, "defense=diffpure"])
+    validate(diffpure_cfg)
+    h = build(cfg, Path(cfg.paths.output_dir))
+    samples, x, x_adv = clean_and_adversarial(h, args.task)
+    diffpure = build_defense(diffpure_cfg, h.vlm, torch.device(cfg.device))
     bs = int(cfg.batch_size)
-
-    purifiers = {name: build_purifier(overrides, name, vlm) for name in ("diffpure", "diffcap")}
+    purifiers = {"diffpure": diffpure, "diffcap": h.defense}
     seeds = [derive_seed(cfg.seed.noise, "benchmark", s["id"]) for s in samples]
     runs: dict[str, list[dict]] = {}
     for r in range(args.repeats):

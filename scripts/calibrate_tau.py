@@ -8,7 +8,10 @@ For ~100 pairs (x, x_adv) it reports
     from clean and from adversarial images (same noise), and the stopping-time distribution each tau gives.
 
     python scripts/calibrate_tau.py dataset=shapes vlm=tiny n_samples=100
-Arguments key=value are Hydra overrides of configs/run.yaml. Writes results/calibration/tau_<dataset>.{json,png}.
+
+Arguments key=value are Hydra overrides of configs/run.yaml. Everything is built by the runner's own
+``build`` (with ``defense=diffcap``): phi and the walk are DiffCAP's (``DiffCAP.embed`` / ``DiffCAP.walk``),
+the adversarial images the harness' attack and cache. Writes results/calibration/tau_<dataset>_<task>_step<s>.
 """
 
 from __future__ import annotations
@@ -16,54 +19,41 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from hydra.utils import instantiate  # noqa: E402
 
-from diffcap import schedule  # noqa: E402
-from evaluators.config import PROJECT_ROOT, compose_config  # noqa: E402
-from evaluators.errors import cli  # noqa: E402
-from evaluators.pairs import clean_and_adversarial  # noqa: E402
-from evaluators.seeding import derive_seed, generators  # noqa: E402
+from diffcap.purifiers import DiffCAP  # noqa: E402
+from evaluators.config import PROJECT_ROOT, compose_config, validate  # noqa: E402
+from evaluators.errors import ConfigError, DataError, cli  # noqa: E402
+from evaluators.images import load_images  # noqa: E402
+from evaluators.runner import Harness, adversarial_images, build  # noqa: E402
+from evaluators.seeding import derive_seed, generators, select_subset  # noqa: E402
 
 log = logging.getLogger("calibrate_tau")
 
 
-def embed(vlm, x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(vlm.embed(x).float(), dim=-1)
-
-
-def walk_similarities(vlm, x: torch.Tensor, resolution: int, moves: int, seeds: list[int],
-                      step: int = 1) -> torch.Tensor:
-    """(B, moves) cosine similarity of consecutive embeddings along the cumulative forward walk, each move
-    ``step`` DDPM steps (``defense.step``)."""
-    size = x.shape[-1]
-    z = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False) * 2 - 1
-    gens = generators(seeds)
-
-    def phi(z_: torch.Tensor) -> torch.Tensor:
-        pixels = ((z_ + 1) / 2).clamp(0, 1)
-        return embed(vlm, F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False))
-
-    prev = phi(z)
-    sims = []
-    for m in range(moves):
-        noise = torch.stack([torch.randn(z.shape[1:], generator=g) for g in gens])
-        z = schedule.forward_move(z, m * step, step, noise)
-        cur = phi(z)
-        sims.append((cur * prev).sum(-1))
-        prev = cur
-    return torch.stack(sims, dim=1)
+def clean_and_adversarial(h: Harness, task_name: str) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """The evaluated subset of ``task_name`` (``n_samples``, ``seed.subset``) and its ``attack`` images."""
+    task = h.tasks[task_name]
+    ids = select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+    task.prepare(ids)
+    h.subsets[task_name] = ids
+    samples = [task.source.get(i) for i in ids]
+    images, errors = load_images([s["image_path"] for s in samples])
+    if any(errors):
+        raise DataError(f"{sum(e is not None for e in errors)} of {len(errors)} images cannot be read (e.g. "
+                        f"{next(e for e in errors if e)}); fix the data")
+    x = h.vlm.to_pixels(images).to(torch.device(h.cfg.device))
+    bs = int(h.cfg.batch_size)
+    x_adv = torch.cat([adversarial_images(h, task_name, task, samples[i : i + bs], x[i : i + bs])[0]
+                       for i in range(0, len(samples), bs)])
+    return samples, x, x_adv
 
 
 def first_pass(sims: np.ndarray, tau: float) -> np.ndarray:
@@ -78,17 +68,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150, help="forward moves to trace")
     parser.add_argument("--step", type=int, default=1, help="DDPM steps per move, as defense.step (1 = 1/1000)")
     args, overrides = parser.parse_known_args()
+    if args.steps < 1 or args.step < 1 or args.steps * args.step > 1000:
+        parser.error(f"--steps * --step must be between 1 and 1000 DDPM steps, got {args.steps} * {args.step}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = ["attack=apgd", "n_samples=100", *overrides]
+    overrides = ["attack=apgd", "n_samples=100", "defense=diffcap", f"defense.step={args.step}",
+                 f"tasks=[{args.task}]", *overrides]
     cfg = compose_config(overrides)
-    pairs = clean_and_adversarial(cfg, args.task)
-    vlm, samples, x, x_adv = pairs.vlm, pairs.samples, pairs.x, pairs.x_adv
+    validate(cfg)
+    h = build(cfg, Path(cfg.paths.output_dir))
+    if not isinstance(h.defense, DiffCAP):
+        raise ConfigError(f"calibrate_tau.py needs defense=diffcap, got defense={cfg.defense.name}")
+    samples, x, x_adv = clean_and_adversarial(h, args.task)
+    diffcap: DiffCAP = h.defense
     bs = int(cfg.batch_size)
-    resolution = int(instantiate(cfg.denoiser).resolution)
     seeds = [derive_seed(cfg.seed.noise, "calibrate", s["id"]) for s in samples]
     with torch.no_grad():
-        pair_sim = (embed(vlm, x) * embed(vlm, x_adv)).sum(-1).numpy()
-        sims = {name: torch.cat([walk_similarities(vlm, imgs[i : i + bs], resolution, args.steps, seeds[i : i + bs], args.step)
+        pair_sim = (diffcap.embed(x) * diffcap.embed(x_adv)).sum(-1).cpu().numpy()
+        sims = {name: torch.cat([diffcap.walk(imgs[i : i + bs], generators(seeds[i : i + bs]), until_stable=False,
+                                              moves=args.steps).similarities
                                  for i in range(0, len(samples), bs)]).numpy()
                 for name, imgs in (("clean", x), ("adv", x_adv))}
     tau = float(pair_sim.mean())

@@ -16,27 +16,26 @@ import argparse
 import hashlib
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import tiny_vlm_builders as B  # noqa: E402
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import tiny_vlm_builders as B  # noqa: E402
 import train_tiny_vlms as T  # noqa: E402
-from calibrate_tau import first_pass, walk_similarities  # noqa: E402
+from calibrate_tau import first_pass  # noqa: E402
 
 from attacks.apgd import APGD  # noqa: E402
 from attacks.base import check_invariants  # noqa: E402
+from diffcap.denoisers import load_shapes_denoiser  # noqa: E402
+from diffcap.purifiers import DiffCAP  # noqa: E402
+from evaluators.config import PROJECT_ROOT  # noqa: E402
 from evaluators.datasets.shapes import CLASSNAMES  # noqa: E402
 from evaluators.errors import ConfigError, DataError, IntegrityError, cli  # noqa: E402
 from evaluators.metrics.cider import CiderScorer  # noqa: E402
 from evaluators.metrics.vqa_accuracy import vqa_accuracy  # noqa: E402
+from evaluators.seeding import generators  # noqa: E402
 
 log = logging.getLogger("eval_tiny_vlms")
 DENOISER_RES = 64
@@ -203,7 +202,11 @@ def attack(loss_fn, x: torch.Tensor, steps: int) -> torch.Tensor:
 def premise(model, x: torch.Tensor, x_adv: torch.Tensor, moves: int) -> dict:
     """Consecutive one-step similarities along DiffCAP's forward walk (same noise for clean and attacked)."""
     seeds = list(range(len(x)))
-    sims = {k: walk_similarities(model, v, DENOISER_RES, moves, seeds).numpy() for k, v in (("clean", x), ("adv", x_adv))}
+    denoiser = load_shapes_denoiser(PROJECT_ROOT / "checkpoints" / "shapes_denoiser")  # DiffCAP's, 64 px
+    assert denoiser.resolution == DENOISER_RES
+    diffcap = DiffCAP(denoiser, encoder="clip", encoder_model=model, t_max=1.0)  # phi = the model's embed
+    sims = {k: diffcap.walk(v, generators(seeds), until_stable=False, moves=moves).similarities.numpy()
+            for k, v in (("clean", x), ("adv", x_adv))}
     pair = (model.embed(x) * model.embed(x_adv)).sum(-1).numpy()
     tau = float(pair.mean())
     return {"pair_similarity": {"mean": tau, "min": float(pair.min()), "max": float(pair.max())},

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluators.datasets.shapes import generate_shapes  # noqa: E402
-from evaluators.errors import cli  # noqa: E402
+from evaluators.datasets.shapes import generate_shapes
+from evaluators.errors import cli
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,53 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hydra.utils import get_class  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-from evaluators import results  # noqa: E402
-from evaluators.errors import DamagedFileError, HarnessError, RunFolderError, cli  # noqa: E402
-from evaluators.run_folder import RUN_CONFIG, locked, read_json, read_run_config  # noqa: E402
-from evaluators.summary import summarise  # noqa: E402
-from evaluators.tasks.base import Task  # noqa: E402
-
-
-def tasks_from_config(run_config: dict) -> dict[str, Task]:
-    """Task objects with their scoring options but no data source: aggregation reads the records only."""
-    out = {}
-    for name, spec in run_config["dataset"]["tasks"].items():
-        kwargs = {k: v for k, v in spec.items() if k not in ("_target_", "source")}
-        out[name] = get_class(spec["_target_"])(source=None, **kwargs)
-    return out
-
-
-def evaluated_tasks(run_dir: Path, run_config: dict) -> dict[str, list[str]]:
-    """{task: manifest ids} of the tasks this run evaluated (those with a manifest)."""
-    out = {}
-    for name in run_config["dataset"]["tasks"]:
-        path = results.manifest_path(run_dir, name)
-        if path.exists():
-            manifest = read_json(path, f"the evaluated subset of {name}")
-            if not isinstance(manifest, dict) or not isinstance(manifest.get("ids"), list):
-                raise DamagedFileError(f"{path} has no 'ids' list; delete the run folder and run it again")
-            out[name] = [str(i) for i in manifest["ids"]]
-    if not out:
-        raise HarnessError(f"{run_dir} has no manifest_<task>.json; it is not a run folder, or its run never started")
-    return out
-
-
-def check_coverage(run_dir: Path, records: list[dict], wanted: dict[str, list[str]]) -> None:
-    """Every manifest id has exactly one record and nothing else is there: else the summary would be wrong."""
-    for name, ids in wanted.items():
-        got = [r["id"] for r in records if r["task"] == name]
-        missing = sorted(set(ids) - set(got))
-        extra = sorted(set(got) - set(ids))
-        if missing or extra or len(got) != len(set(got)):
-            what = (f"lacks {len(missing)} of its {len(ids)} samples" if missing else
-                    f"has {len(extra)} records outside its manifest" if extra else "has duplicate records")
-            raise RunFolderError(f"{run_dir / results.SAMPLES}: task {name} {what}; finish the run by re-running "
-                                 "its command (it resumes), then re-score; nothing was written")
+from evaluators import results
+from evaluators.errors import DamagedFileError, HarnessError, RunFolderError, cli
+from evaluators.rescoring import rescore
+from evaluators.run_folder import locked, read_json
 
 
 def coverage(summary: dict) -> tuple[set, int]:
@@ -68,16 +25,6 @@ def coverage(summary: dict) -> tuple[set, int]:
              for m, by in ms.items() if isinstance(by, dict) for c, v in by.items() if v is not None}
     evaluated = sum(int(v.get("evaluated", 0)) for v in (summary.get("samples") or {}).values() if isinstance(v, dict))
     return cells, evaluated
-
-
-def rescore(run_dir: Path) -> dict:
-    run_config = read_run_config(run_dir)
-    if run_config is None:
-        raise HarnessError(f"no {RUN_CONFIG} in {run_dir}; pass a run folder under results/runs/")
-    records = results.read_records(run_dir / results.SAMPLES)
-    check_coverage(run_dir, records, evaluated_tasks(run_dir, run_config))
-    tasks = {k: v for k, v in tasks_from_config(run_config).items() if k in evaluated_tasks(run_dir, run_config)}
-    return summarise(run_dir, OmegaConf.create(run_config), tasks)
 
 
 def merged(run_dir: Path, summary: dict) -> dict:

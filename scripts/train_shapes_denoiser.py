@@ -7,8 +7,9 @@ class and flags vocabulary (diffcap/unet.py), so DiffPure/DiffCAP run end to end
 Objective: linear betas 1e-4..0.02 over 1000 steps, index i uniform in 0..999 with
 abar_i = prod_{j<=i} (1 - beta_j) (guided-diffusion's ``alphas_cumprod``), x_i = sqrt(abar_i) x_0 +
 sqrt(1 - abar_i) eps, loss = mean (eps_hat - eps)^2; images mapped to [-1, 1], random horizontal flips;
-EMA of the weights is what gets saved. Afterwards it draws a sample grid (DDIM, eta 0, from pure noise)
-and a purification grid (test images noised to t = 0.15, i.e. 150 steps, then DDPM ancestral back).
+EMA of the weights is what gets saved. Afterwards it draws a sample grid (the project's DDIM sampler, eta 0,
+from pure noise) and a purification grid (test images noised to t = 0.15, i.e. 150 steps, then the project's
+DDPM sampler back). All schedule arithmetic is ``diffcap.schedule.LINEAR``'s.
 """
 
 from __future__ import annotations
@@ -29,15 +30,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from diffcap.denoisers import Denoiser, load_shapes_denoiser, save_denoiser  # noqa: E402
-from diffcap.schedule import discrete_alphas_cumprod  # noqa: E402
-from diffcap.unet import UNetModel  # noqa: E402
-from evaluators.errors import cli  # noqa: E402
+from diffcap.denoisers import Denoiser, load_shapes_denoiser, save_denoiser
+from diffcap.samplers import DDIM, DDPMAncestral
+from diffcap.schedule import LINEAR
+from diffcap.unet import UNetModel
+from evaluators.errors import cli
 
 log = logging.getLogger("train_shapes_denoiser")
-NUM_STEPS = 1000
+NUM_STEPS = LINEAR.num_steps
 
 
 def load_images(root: str | Path, split: str) -> torch.Tensor:
@@ -83,7 +83,7 @@ def train(
 ) -> tuple[UNetModel, dict[str, float]]:
     """Run the DDPM eps objective; returns the EMA model and a few numbers for the README."""
     gen = torch.Generator().manual_seed(args.seed)
-    abar = discrete_alphas_cumprod(NUM_STEPS).float()
+    abar = LINEAR.alphas_cumprod.float()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     model.train()
@@ -138,7 +138,7 @@ def train(
 def eval_loss(model: UNetModel, images: torch.Tensor, seed: int, n: int = 128) -> dict[str, float]:
     """EMA model's eps MSE on held-out images at a few fixed timestep indices (same noise every run)."""
     gen = torch.Generator().manual_seed(seed + 1)
-    abar = discrete_alphas_cumprod(NUM_STEPS).float()
+    abar = LINEAR.alphas_cumprod.float()
     x0 = to_model_range(images[:n])
     out = {}
     for i in (50, 150, 300, 600, 900):
@@ -150,42 +150,26 @@ def eval_loss(model: UNetModel, images: torch.Tensor, seed: int, n: int = 128) -
     return out
 
 
-@torch.no_grad()
-def ddim_sample(model: UNetModel, n: int, size: int, steps: int, gen: torch.Generator) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from pure noise over ``steps`` evenly spaced indices."""
-    abar = discrete_alphas_cumprod(NUM_STEPS).float()
-    seq = torch.linspace(NUM_STEPS - 1, 0, steps).round().long().tolist()
-    x = torch.randn((n, 3, size, size), generator=gen)
-    for j, i in enumerate(seq):
-        a = abar[i]
-        a_prev = abar[seq[j + 1]] if j + 1 < len(seq) else torch.tensor(1.0)
-        eps = model(x, torch.full((n,), i))
-        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()  # consistent with the clipped x0, as guided-diffusion does
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return x.clamp(-1, 1)
+def _generators(n: int, seed: int) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed * 1000 + i) for i in range(n)]
 
 
 @torch.no_grad()
-def ddpm_purify(
-    model: UNetModel, x0: torch.Tensor, k: int, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise x0 by k forward steps in closed form, then k DDPM ancestral steps back; returns (x_k, x_hat)."""
-    betas = torch.linspace(1e-4, 0.02, NUM_STEPS, dtype=torch.float64).float()
-    abar = discrete_alphas_cumprod(NUM_STEPS).float()
-    a = abar[k - 1]
-    xk = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=gen)
-    x = xk
-    for i in range(k - 1, -1, -1):
-        eps = model(x, torch.full((len(x),), i))
-        a_i, b_i = abar[i], betas[i]
-        a_prev = abar[i - 1] if i > 0 else torch.tensor(1.0)
-        mean = (x - b_i / (1 - a_i).sqrt() * eps) / (1 - b_i).sqrt()
-        if i > 0:
-            var = b_i * (1 - a_prev) / (1 - a_i)
-            x = mean + var.sqrt() * torch.randn(x.shape, generator=gen)
-        else:
-            x = mean
+def ddim_sample(model: UNetModel, n: int, size: int, steps: int, seed: int) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from pure noise at t = 1 in ``steps`` steps."""
+    x = torch.randn((n, 3, size, size), generator=torch.Generator().manual_seed(seed))
+    out, _ = DDIM(steps=steps).sample(Denoiser(model), x, torch.ones(n, dtype=torch.float64), _generators(n, seed))
+    return out.clamp(-1, 1)
+
+
+@torch.no_grad()
+def ddpm_purify(model: UNetModel, x0: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise x0 to x_k in closed form, then k DDPM ancestral steps back; returns (x_k, x_hat)."""
+    gens = _generators(len(x0), seed)
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+    xk = LINEAR.q_sample(x0, LINEAR.alpha_bars[k], noise)
+    t = torch.full((len(x0),), k / NUM_STEPS, dtype=torch.float64)
+    x, _ = DDPMAncestral().sample(Denoiser(model), xk, t, gens)
     return xk.clamp(-1, 1), x.clamp(-1, 1)
 
 
@@ -335,13 +319,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     sha = sha256_file(weights)
     write_readme(out, history, n_params, sha, data)
 
-    gen = torch.Generator().manual_seed(args.seed + 2)
     t_s = time.perf_counter()
-    samples = ddim_sample(ema, args.n_samples, size, args.sample_steps, gen)
+    samples = ddim_sample(ema, args.n_samples, size, args.sample_steps, args.seed + 2)
     half = (len(samples) + 1) // 2
     k = max(1, round(args.purify_t * NUM_STEPS))
     clean = to_model_range(test_imgs[: args.n_purify])
-    noised, purified = ddpm_purify(ema, clean, k, gen)
+    noised, purified = ddpm_purify(ema, clean, k, args.seed + 3)
     save_grid(
         [
             (f"DDIM-{args.sample_steps} samples from noise", samples[:half]),

@@ -23,11 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluators.datasets.shapes import CLASSNAMES, generate_shapes  # noqa: E402
-from evaluators.errors import cli  # noqa: E402
-from evaluators.vlms.tiny import (  # noqa: E402
+from evaluators.datasets.shapes import CLASSNAMES, generate_shapes
+from evaluators.errors import cli
+from evaluators.vlms.tiny import (
     CAPTION_PROMPT,
     CLASS_TEMPLATES,
     VQA_PROMPT,

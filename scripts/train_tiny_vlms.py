@@ -24,15 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tiny_vlm_builders as B  # noqa: E402
+import tiny_vlm_init as I  # noqa: E402
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import tiny_vlm_builders as B  # noqa: E402
-import tiny_vlm_init as I  # noqa: E402
 
 from evaluators.datasets.shapes import CLASSNAMES, generate_shapes  # noqa: E402
 from evaluators.errors import ConfigError, cli  # noqa: E402

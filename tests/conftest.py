@@ -1,17 +1,12 @@
-"""Shared test setup: offline hub, project root on sys.path, the Hydra resolvers."""
+"""Shared test setup: offline hub, the Hydra resolvers (the packages are installed by ``uv sync``)."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -196,6 +196,11 @@ def broken_java(c: Ctx) -> list[str]:
     return ["tasks=[captioning]"]
 
 
+def fresh_vqa(c: Ctx) -> list[str]:
+    c.out = c.tmp / "fresh"
+    return ["tasks=[vqa]"]
+
+
 def no_java(c: Ctx) -> list[str]:
     os.environ["PATH"] = str(c.tmp / "empty-bin")
     cider._JAVA_OK.clear()
@@ -246,7 +251,7 @@ CASES: list[tuple[str, list[str], Callable[[Ctx], list[str]] | None, str]] = [
     ("eval_draws_zero", ["attack=bpda_eot", *DP, "attack.eval_draws=0"], None, "attack.eval_draws must be"),
     ("adaptive_not_bool", [*A, "attack.adaptive=yes"], None, "attack.adaptive must be true or false"),
     ("precision_unknown", ["attack=apgd_ensemble", "attack.precision=float8"], None, "attack.precision must be"),
-    ("momentum_above_one", [*A, "attack.method.apgd.momentum=2"], None, "attack.method.apgd.momentum must be"),
+    ("step_weight_above_one", [*A, "attack.method.apgd.step_weight=2"], None, "attack.method.apgd.step_weight must be"),
     ("defense_step_zero", [*DC, "defense.step=0"], None, "defense.step must be an integer >= 1"),
     ("defense_keep_unknown", [*DC, "defense.keep=middle"], None, "defense.keep must be one of before, after"),
     ("defense_encoder_unknown", [*DC, "defense.encoder=dino"], None, "defense.encoder must be one of vlm, clip"),
@@ -261,7 +266,8 @@ CASES: list[tuple[str, list[str], Callable[[Ctx], list[str]] | None, str]] = [
     ("tasks_a_number", ["tasks=3"], None, "tasks must be null or a list of task names"),
     ("tasks_a_mapping", ["tasks={a: 1}"], None, "override tasks={a: 1}: Cannot merge DictConfig with ListConfig"),
     ("override_syntax", ["n_samples=[1"], None, "bad override: no viable alternative at input '[1'"),
-    ("vlm_not_available", ["vlm=llava"], None, "vlm=llava is not available yet"),
+    ("vlm_missing_folder", ["vlm=llava", "vlm.path=/nonexistent/llava"], fresh_vqa,
+     "vlm.path=/nonexistent/llava: no such folder"),
     ("unknown_key", [*A, "attack.stepz=3"], None, "Could not override 'attack.stepz'"),
     ("unknown_group_option", ["vlm=nonexistent"], None, "Could not find 'vlm/nonexistent'"),
     ("dataset_prepare_n_test_zero", ["dataset.prepare.n_test=0"], None, "dataset.prepare.n_test must be"),
@@ -375,16 +381,16 @@ def _not_a_run(c: Ctx) -> list[str]:
 
 
 def _plot_missing_root(c: Ctx) -> list[str]:
-    return [str(c.tmp / "missing"), "--out", str(c.tmp / "p.png")]
+    return ["--main", str(c.tmp / "missing"), "--out", str(c.tmp / "p")]
 
 
 def _plot_no_diffcap_runs(c: Ctx) -> list[str]:
-    return [str(c.run.parent), "--out", str(c.tmp / "p.png")]
+    return ["--tau", str(c.run.parent), "--out", str(c.tmp / "p")]
 
 
-def _plot_damaged_config(c: Ctx) -> list[str]:
-    (c.run / "run_config.json").write_text("{")
-    return [str(c.run.parent), "--out", str(c.tmp / "p.png")]
+def _plot_damaged_summary(c: Ctx) -> list[str]:
+    (c.run / "summary.json").write_text("{")
+    return ["--main", str(c.run.parent), "--out", str(c.tmp / "p")]
 
 
 SCRIPT_CASES = [
@@ -395,10 +401,14 @@ SCRIPT_CASES = [
     ("rescore_without_run_config", "rescore", _no_run_config, "no run_config.json in"),
     ("rescore_corrupt_manifest", "rescore", _rescore_corrupt_manifest, "manifest_classification.json"),
     ("rescore_not_a_run_folder", "rescore", _not_a_run, "no samples.jsonl in"),
-    ("plot_missing_root", "plot_stopping_times", _plot_missing_root, "is not a folder"),
-    ("plot_without_diffcap_runs", "plot_stopping_times", _plot_no_diffcap_runs, "no DiffCAP runs"),
-    ("plot_damaged_run_config", "plot_stopping_times", _plot_damaged_config, "is damaged"),
-    ("calibrate_unavailable_vlm", "calibrate_tau", lambda c: ["vlm=llava"], "vlm=llava is not available yet"),
+    ("figures_missing_root", "figures", _plot_missing_root, "is not a folder"),
+    ("figures_without_diffcap_runs", "figures", _plot_no_diffcap_runs, "no DiffCAP runs"),
+    ("figures_damaged_summary", "figures", _plot_damaged_summary, "is damaged"),
+    ("tables_missing_root", "tables", lambda c: [str(c.tmp / "missing"), "--out", str(c.tmp / "t")], "is not a folder"),
+    ("tables_unknown_facet", "tables", lambda c: [str(c.run.parent), "--rows", "colour", "--out", str(c.tmp / "t")],
+     "unknown facet(s) ['colour']"),
+    ("calibrate_unavailable_vlm", "calibrate_tau", lambda c: ["vlm=llava", "vlm.path=/nonexistent/llava"],
+     "vlm.path=/nonexistent/llava: no such folder"),
     ("calibrate_bad_override", "calibrate_tau", lambda c: ["defense=diffcap", "defense.tau=high"], "defense.tau must be a number"),
 ]
 

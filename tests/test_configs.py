@@ -53,7 +53,6 @@ def test_every_dataset_has_a_denoiser_and_tasks():
     ("defense=diffcap defense.tau=1.2", "defense.tau must be a number in (0, 1)"),
     ("defense=diffcap defense.t_max=0", "defense.t_max must be a number in (0, 1]"),
     ("attack=apgd attack.eps=300", "attack.eps must be a number in [1, 64] (in 1/255 units)"),
-    ("vlm=llava", "vlm=llava is not available yet"),
 ])
 def test_out_of_range_values_fail_with_a_clear_message(override: str, message: str):
     cfg = compose_run(override.split())

@@ -219,3 +219,107 @@ def test_loaders_read_the_shapes_world(tmp_path):
     assert cls.classnames == list(CLASSNAMES)
     assert len(cls.ids) == 3
     assert all(Path(cls.get(i)["image_path"]).is_file() for i in cls.ids)
+
+
+# ------------------------------------------------------------------ shipped class lists, real layouts
+
+
+def test_demonstrations_come_from_the_train_files(tmp_path):
+    from tests.real_layouts import build_coco, build_textvqa, build_vqav2
+
+    build_coco(tmp_path / "coco")
+    caps = KarpathyCaptions(tmp_path / "coco" / "dataset_coco.json", None, tmp_path / "coco")
+    assert caps.demonstrations() == [{"caption": "a train caption."}]  # train only, not restval
+    build_vqav2(tmp_path / "vqav2")
+    v = tmp_path / "vqav2"
+    vqa = VQAQuestions(v / "v2_OpenEnded_mscoco_val2014_questions.json", v / "v2_mscoco_val2014_annotations.json",
+                       v / "val2014", demo_questions_file=v / "v2_OpenEnded_mscoco_train2014_questions.json",
+                       demo_annotations_file=v / "v2_mscoco_train2014_annotations.json")
+    assert vqa.demonstrations() == [{"question": "What color is the shape?", "answer": "red"},
+                                    {"question": "Is there a shape?", "answer": "yes"}]
+    build_textvqa(tmp_path / "textvqa")
+    t = tmp_path / "textvqa"
+    tv = VQAQuestions(t / "TextVQA_0.5.1_val.json", None, t / "train_images", "{image_id}.jpg",
+                      demo_questions_file=t / "TextVQA_0.5.1_train.json")
+    assert tv.demonstrations() == [{"question": "what is written on the sign?", "answer": "stop"}]
+    no_train = VQAQuestions(v / "v2_OpenEnded_mscoco_val2014_questions.json", v / "v2_mscoco_val2014_annotations.json",
+                            v / "val2014", demo_questions_file=v / "v2_OpenEnded_mscoco_train2014_questions.json",
+                            demo_annotations_file=v / "absent_train_annotations.json")
+    with pytest.raises(DataError, match="absent_train_annotations.json"):
+        no_train.demonstrations()
+    data = json.loads((tmp_path / "coco" / "dataset_coco.json").read_text())
+    data["images"] = [e for e in data["images"] if e["split"] != "train"]
+    only_test = _dump(tmp_path / "test_only.json", data)
+    with pytest.raises(DataError, match="test_only.json has no images in split 'train'"):
+        KarpathyCaptions(only_test, None, tmp_path / "coco").demonstrations()
+
+
+def test_shapes_world_has_demonstrations(tmp_path):
+    from evaluators.datasets.shapes import generate_shapes
+
+    root = generate_shapes(tmp_path / "shapes", n_train=2, n_test=1, size=16, seed=1)
+    caps = KarpathyCaptions(root / "dataset_shapes.json", root / "captions_shapes.json", root, split="test")
+    assert len(caps.demonstrations()) == 2
+    vqa = VQAQuestions(root / "vqa" / "questions_test.json", root / "vqa" / "annotations_test.json",
+                       root / "images", "shapes_{image_id:05d}.png",
+                       root / "vqa" / "questions_train.json", root / "vqa" / "annotations_train.json")
+    demos = vqa.demonstrations()
+    assert demos and all(set(d) == {"question", "answer"} and d["answer"] for d in demos)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda t: t[: len(t) // 2], r"TextVQA_0.5.1_val.json is not valid JSON \(truncated"),
+    (lambda t: t.replace('"question_id"', '"qid"'), r"TextVQA_0.5.1_val.json: a TextVQA entry lacks the field "
+                                                    r"'question_id'"),
+    (lambda t: t.replace('"data"', '"rows"'), r"TextVQA_0.5.1_val.json has neither"),
+    (lambda t: t.replace('"answers": [', '"answers": 7, "x": ['), r"question 34602 has no 'answers' list"),
+])
+def test_malformed_annotation_files_give_one_line(tmp_path, corrupt, message):
+    from tests.real_layouts import build_textvqa
+
+    build_textvqa(tmp_path)
+    qfile = tmp_path / "TextVQA_0.5.1_val.json"
+    qfile.write_text(corrupt(qfile.read_text()))
+    with pytest.raises(DataError, match=message) as err:
+        VQAQuestions(qfile, None, tmp_path / "train_images", "{image_id}.jpg")
+    assert "\n" not in str(err.value)
+
+
+def test_malformed_vqav2_and_coco_fields(tmp_path):
+    from tests.real_layouts import build_coco, build_vqav2
+
+    build_vqav2(tmp_path / "v", train=False)
+    v = tmp_path / "v"
+    afile = v / "v2_mscoco_val2014_annotations.json"
+    afile.write_text(afile.read_text().replace('"answer":', '"ans":', 1))
+    with pytest.raises(DataError, match="v2_mscoco_val2014_annotations.json: question .* malformed field 'answers'"):
+        VQAQuestions(v / "v2_OpenEnded_mscoco_val2014_questions.json", afile, v / "val2014")
+    build_coco(tmp_path / "c")
+    rfile = tmp_path / "c" / "annotations" / "captions_val2014.json"
+    rfile.write_text(rfile.read_text().replace('"caption":', '"text":'))
+    with pytest.raises(DataError, match="captions_val2014.json: an annotation lacks 'caption'"):
+        KarpathyCaptions(tmp_path / "c" / "dataset_coco.json", rfile, tmp_path / "c")
+    kfile = _dump(tmp_path / "k.json", {"images": ["COCO_val2014_000000391895.jpg"]})
+    with pytest.raises(DataError, match=r"k.json: 'images'\[0\] is a str, not an object"):
+        KarpathyCaptions(kfile, None, tmp_path / "c")
+
+
+def test_prepared_manifest_is_checked_and_never_overwritten(tmp_path, coco):
+    from evaluators.datasets import manifests
+
+    root, kfile, rfile = coco
+    src = KarpathyCaptions(kfile, rfile, root)
+    path = manifests.write_prepared(tmp_path / "m", src, "captioning", 2, 42)
+    assert path.name == "captioning_n2_seed42.json"
+    run = manifests.evaluated_subset(src, "captioning", 2, 42, tmp_path / "m")
+    assert run["ids"] == json.loads(path.read_text())["ids"] and run["prepared"] == str(path)
+    whole = manifests.evaluated_subset(src, "captioning", None, 42, tmp_path / "m")
+    assert sorted(whole["ids"]) == sorted(src.ids) and whole["prepared"] is None
+    record = json.loads(path.read_text())
+    record["ids"] = record["ids"][::-1]
+    path.write_text(json.dumps(record))
+    with pytest.raises(DataError, match="captioning_n2_seed42.json lists other captioning samples"):
+        manifests.evaluated_subset(src, "captioning", 2, 42, tmp_path / "m")
+    with pytest.raises(DataError, match="lists other"):
+        manifests.write_prepared(tmp_path / "m", src, "captioning", 2, 42)
+    assert json.loads(path.read_text())["ids"] == record["ids"]  # left as it was

@@ -21,6 +21,7 @@ from diffcap.denoisers import (
     load_shapes_denoiser,
     save_denoiser,
 )
+from diffcap.schedule import LINEAR, Schedule
 from diffcap.unet import UNetModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,31 @@ def test_forward_shapes_scalar_time_and_sigma_channels():
     torch.testing.assert_close(eps, full[:, :3])
     with pytest.raises(ValueError, match="expected images"):
         den(torch.zeros(1, 3, 16, 16), 0.1)
+
+
+def test_predict_hands_the_index_through_and_splits_the_variance():
+    """``predict`` gives the network the discrete index itself; the variance channels come back separately."""
+    unet = UNetModel(**TINY, learn_sigma=True)
+    _randomize(unet)
+    den = Denoiser(unet).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        eps, var = den.predict(x, torch.tensor([149, 7]))
+        full = unet(x, torch.tensor([149, 7]))
+    torch.testing.assert_close(eps, full[:, :3], rtol=0, atol=0)
+    torch.testing.assert_close(var, full[:, 3:], rtol=0, atol=0)
+    plain = Denoiser(UNetModel(**TINY)).eval()
+    with torch.no_grad():
+        e2, v2 = plain.predict(x, torch.tensor([3, 3]))
+    assert v2 is None and e2.shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="index must have shape"):
+        den.predict(x, torch.tensor([1]))
+
+
+def test_schedule_follows_the_config():
+    assert Denoiser(UNetModel(**TINY)).schedule == LINEAR
+    s = Denoiser(UNetModel(**TINY), num_timesteps=250, beta_start=4e-4, beta_end=0.08).schedule
+    assert s == Schedule.from_betas(4e-4, 0.08, 250) and s.num_steps == 250
 
 
 def test_config_round_trip(tmp_path):

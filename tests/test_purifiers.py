@@ -1,4 +1,4 @@
-"""Samplers and the DiffPure / DiffCAP purifiers on tiny stand-in denoisers and encoders."""
+"""The DiffPure / DiffCAP purifiers on tiny stand-in denoisers and encoders, against reference walks."""
 
 from __future__ import annotations
 
@@ -9,54 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffcap import schedule
 from diffcap.base import PurifyInfo
 from diffcap.purifiers import DiffCAP, DiffPure, bpda
-from diffcap.samplers import DDIM, DDPMAncestral, ReverseSDE
-
-
-class TinyDenoiser(nn.Module):
-    """A fixed random conv net eps(x, t): stands in for the real denoiser's interface."""
-
-    def __init__(self, resolution: int = 16, seed: int = 0):
-        super().__init__()
-        self.resolution = resolution
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            self.c1 = nn.Conv2d(4, 8, 3, padding=1)
-            self.c2 = nn.Conv2d(8, 3, 3, padding=1)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        tt = t.view(-1, 1, 1, 1).to(x).expand(-1, 1, *x.shape[-2:])
-        return self.c2(torch.tanh(self.c1(torch.cat([x, tt], 1))))
-
-
-class GaussianDenoiser(nn.Module):
-    """Exact eps for data ~ N(m, s^2) per pixel (a perfect score model)."""
-
-    def __init__(self, m: float, s: float, resolution: int = 16):
-        super().__init__()
-        self.m, self.s, self.resolution = m, s, resolution
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = schedule.alpha_bar(t).to(x).view(-1, 1, 1, 1)
-        return torch.sqrt(1 - a) * (x - torch.sqrt(a) * self.m) / (a * self.s**2 + 1 - a)
-
-
-class Counting(nn.Module):
-    """Wraps a denoiser and records (batch size, t) of every call."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner, self.resolution, self.calls = inner, inner.resolution, []
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls.append((x.shape[0], t.detach().cpu().double().clone()))
-        return self.inner(x, t)
-
-    @property
-    def rows(self) -> int:
-        return sum(n for n, _ in self.calls)
+from diffcap.samplers import DDIM, Sampler
+from diffcap.schedule import Schedule
+from tests.standins import Counting, TinyDenoiser, gens
+from tests.test_schedule import AC, BETAS
 
 
 class PixelEncoder:
@@ -105,10 +63,6 @@ class TinyVLM(nn.Module):
         return F.normalize(self.proj(x.mean((2, 3))), dim=1)
 
 
-def gens(n: int, offset: int = 0) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(1000 + offset + i) for i in range(n)]
-
-
 def smooth_images(contrasts: list[float], size: int = 16) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     base = F.interpolate(torch.randn(1, 3, 4, 4, generator=g), size=(size, size), mode="bilinear")
@@ -119,49 +73,6 @@ def smooth_images(contrasts: list[float], size: int = 16) -> torch.Tensor:
 def ramp(size: int) -> torch.Tensor:
     j = torch.linspace(-0.5, 0.5, size)
     return (0.5 + 0.4 * j.view(1, 1, 1, size)).expand(1, 3, size, size).clone()
-
-
-# ----------------------------------------------------------------------------------------------- samplers
-
-
-@pytest.mark.parametrize(
-    ("sampler", "evals", "var_rel"),
-    [(ReverseSDE(), [500, 300], 0.04), (DDPMAncestral(), [500, 300], 0.05), (DDIM(steps=100), [100, 100], 0.05)],
-)
-def test_samplers_with_perfect_score_recover_gaussian_data(sampler, evals, var_rel):
-    """Half the batch starts at the t = 0.5 marginal, half at t = 0.3; both land on N(m, s^2)."""
-    m, s = 0.25, 0.45
-    den = Counting(GaussianDenoiser(m, s))
-    t_start = torch.tensor([0.5] * 4 + [0.3] * 4, dtype=torch.float64)
-    a = schedule.alpha_bar(t_start).float().view(-1, 1, 1, 1)
-    g = torch.Generator().manual_seed(3)
-    x_t = a.sqrt() * m + (a * s**2 + 1 - a).sqrt() * torch.randn(8, 3, 32, 32, generator=g)
-    out, n = sampler.sample(den, x_t, t_start, gens(8))
-    assert n.tolist() == [evals[0]] * 4 + [evals[1]] * 4
-    assert den.rows == int(n.sum()) and len(den.calls) == max(evals)
-    for grp in (out[:4], out[4:]):
-        assert abs(float(grp.mean()) - m) < 0.015
-        assert float(grp.var()) == pytest.approx(s**2, rel=var_rel)
-
-
-def test_sampler_groups_by_start_time_and_late_starters_join():
-    den = Counting(TinyDenoiser())
-    t_start = torch.tensor([0.005, 0.002, 0.005, 0.0], dtype=torch.float64)
-    out, n = ReverseSDE().sample(den, torch.zeros(4, 3, 16, 16), t_start, gens(4))
-    assert n.tolist() == [5, 2, 5, 0]
-    assert [b for b, _ in den.calls] == [2, 2, 2, 3, 3]  # two images from t = 0.005, the third joins at 0.002
-    torch.testing.assert_close(den.calls[0][1], torch.tensor([0.005, 0.005], dtype=torch.float64))
-    assert torch.equal(out[3], torch.zeros(3, 16, 16))  # t_start = 0: untouched, no evaluation
-
-
-def test_ddim_is_deterministic_and_uses_its_step_count():
-    den = Counting(TinyDenoiser())
-    x = torch.randn(3, 3, 16, 16)
-    t = torch.tensor([0.2, 0.2, 0.004], dtype=torch.float64)
-    a, n = DDIM(steps=10).sample(den, x, t, gens(3))
-    b, _ = DDIM(steps=10).sample(den, x, t, gens(3, offset=50))
-    assert n.tolist() == [10, 10, 4] and len(den.calls) == 20
-    torch.testing.assert_close(a, b)
 
 
 # ----------------------------------------------------------------------------------------------- DiffPure
@@ -183,13 +94,110 @@ def test_diffpure_noises_to_t_star_and_uses_t_star_over_dt_evals():
     assert [i.denoiser_evals for i in infos] == [150] * 4 and len(den.calls) == 150 and den.rows == 600
     torch.testing.assert_close(den.calls[0][1], torch.full((4,), 0.15, dtype=torch.float64))
     assert float(den.calls[-1][1].max()) == pytest.approx(0.001)
-    assert float(first["x"].std()) == pytest.approx(math.sqrt(1 - float(schedule.alpha_bar(0.15))), rel=0.03)
+    assert float(first["x"].std()) == pytest.approx(math.sqrt(1 - AC[149]), rel=0.03)
     assert all(i.t == 0.15 and i.encoder_evals == 0 and i.converged for i in infos)
     assert y.shape == x.shape and 0 <= float(y.min()) and float(y.max()) <= 1
     assert p.randomized
 
 
 # ----------------------------------------------------------------------------------------------- DiffCAP
+
+
+class Spy(Sampler):
+    """Records what a purifier hands the reverse pass and returns it unchanged (no evaluations)."""
+
+    def __init__(self):
+        self.x_t, self.t_start = None, None
+
+    def num_evals(self, t_start, sched=None):
+        return torch.zeros(len(t_start), dtype=torch.long)
+
+    def sample(self, denoiser, x_t, t_start, generators):
+        self.x_t, self.t_start = x_t.clone(), torch.as_tensor(t_start).clone()
+        return x_t, self.num_evals(t_start)
+
+
+def draw(g: torch.Generator, res: int) -> torch.Tensor:
+    return torch.randn((1, 3, res, res), generator=g, dtype=torch.float32)
+
+
+def test_diffpure_noises_with_the_discrete_alphas_cumprod():
+    """DiffPure: x_t = sqrt(alphas_cumprod[k* - 1]) x0 + sqrt(1 - ...) e with k* = 150, then reverse from t*."""
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    spy = Spy()
+    DiffPure(TinyDenoiser(), t_star=0.15, sampler=spy).purify(x, gens(3))
+    assert spy.t_start.tolist() == [0.15] * 3
+    for b, g in enumerate(gens(3)):
+        want = math.sqrt(AC[149]) * (2 * x[b : b + 1] - 1) + math.sqrt(1 - AC[149]) * draw(g, 16)
+        torch.testing.assert_close(spy.x_t[b : b + 1], want, rtol=0, atol=1e-6)
+    # the schedule is the denoiser's own
+    den = TinyDenoiser()
+    den.schedule = Schedule(500, 0.1, 20.0)
+    DiffPure(den, t_star=0.15, sampler=spy).purify(x, gens(3))
+    a = float(Schedule(500, 0.1, 20.0).alpha_bars[75])
+    want = math.sqrt(a) * (2 * x[:1] - 1) + math.sqrt(1 - a) * draw(gens(1)[0], 16)
+    torch.testing.assert_close(spy.x_t[:1], want, rtol=0, atol=1e-6)
+
+
+def reference_walk(x: torch.Tensor, g: torch.Generator, enc, tau: float, res: int, keep: str, max_moves: int,
+                   antialias: bool) -> tuple[torch.Tensor, int, int, bool]:
+    """DiffCAP for one image, one DDPM step per move: (kept state, its step count, moves walked, converged)."""
+    size = x.shape[-1]
+
+    def resize(u, n):
+        return F.interpolate(u, size=(n, n), mode="bilinear", align_corners=False, antialias=antialias)
+
+    def phi(z):
+        e = enc.embed(resize(((z + 1) / 2).clamp(0, 1), size).clamp(0, 1)).flatten(1)
+        return e / e.norm()
+
+    cur = resize(x, res) * 2 - 1
+    prev, e_prev = cur, phi(cur)
+    for m in range(1, max_moves + 1):
+        b = BETAS[m - 1]
+        cur = math.sqrt(1 - b) * cur + math.sqrt(b) * draw(g, res)
+        e = phi(cur)
+        if float((e * e_prev).sum()) > tau:
+            return (prev, m - 1, m, True) if keep == "before" else (cur, m, m, True)
+        prev, e_prev = cur, e
+    return cur, max_moves, max_moves, False
+
+
+@pytest.mark.parametrize("antialias", [False, True])
+@pytest.mark.parametrize("keep", ["before", "after"])
+def test_diffcap_hands_the_reference_walks_state_to_the_reverse_pass(keep, antialias):
+    """Per image: the state, time and stopping move of an independent step-by-step walk (24 px in, 16 px model)."""
+    x = smooth_images([0.01, 0.005, 0.003, 0.0005, 0.0], size=24)
+    spy, enc = Spy(), PixelEncoder()
+    p = DiffCAP(TinyDenoiser(resolution=16), tau=0.95, encoder="clip", encoder_model=enc, t_max=0.016, keep=keep,
+                sampler=spy, antialias=antialias)
+    _, infos = p.purify(x, gens(5))
+    steps = []
+    for b, g in enumerate(gens(5)):
+        kept, k, moves, conv = reference_walk(x[b : b + 1], g, enc, 0.95, 16, keep, 16, antialias)
+        torch.testing.assert_close(spy.x_t[b : b + 1], kept, rtol=0, atol=1e-5)
+        assert spy.t_start[b].item() == pytest.approx(k / 1000) and infos[b].t == pytest.approx(k / 1000)
+        assert (infos[b].steps, infos[b].converged) == (moves, conv)
+        steps.append(moves)
+    assert len(set(steps)) >= 3 and not all(i.converged for i in infos)  # stops differ, one hits the cap
+
+
+def test_walk_without_stopping_records_every_similarity():
+    """The calibration walk: every image walks all moves; its similarities are those of the stopping walk."""
+    x = smooth_images([0.01, 0.003], size=24)
+    p = DiffCAP(TinyDenoiser(), tau=0.95, encoder="clip", encoder_model=PixelEncoder(), t_max=0.3)
+    full = p.walk(x, gens(2), until_stable=False, moves=30)
+    stopping = p.walk(x, gens(2))
+    assert full.similarities.shape == (2, 30) and not full.similarities.isnan().any()
+    assert (full.moves == 30).all() and (full.encoder_evals == 31).all()
+    for b in range(2):
+        n = int(stopping.moves[b])
+        assert n < 30
+        torch.testing.assert_close(stopping.similarities[b, :n], full.similarities[b, :n])
+        assert stopping.similarities[b, n:].isnan().all()
+        assert stopping.converged[b] and full.similarities[b, n - 1] > 0.95 >= full.similarities[b, : n - 1].max()
+    with pytest.raises(ValueError, match="moves"):
+        p.walk(x, gens(2), moves=1001)
 
 
 def test_diffcap_batched_equals_one_at_a_time():
@@ -293,6 +301,8 @@ def test_diffcap_rejects_bad_config(kwargs, message):
 def test_diffpure_rejects_bad_t_star(t_star):
     with pytest.raises(ValueError, match=rf"defense\.t_star must be in \(0, 1\], got {t_star}"):
         DiffPure(TinyDenoiser(), t_star=t_star)
+    with pytest.raises(ValueError, match=r"defense\.t_star=0.0004 is shorter than one of the 1000 steps"):
+        DiffPure(TinyDenoiser(), t_star=0.0004)
 
 
 def test_bpda_is_purified_forward_and_identity_backward():
@@ -312,7 +322,7 @@ def test_built_by_hydra_from_a_config():
     cfg = OmegaConf.create(
         {
             "_target_": "diffcap.purifiers.DiffCAP",
-            "denoiser": {"_target_": "tests.test_purifiers.TinyDenoiser", "resolution": 16},
+            "denoiser": {"_target_": "tests.standins.TinyDenoiser", "resolution": 16},
             "sampler": {"_target_": "diffcap.samplers.DDIM", "steps": 4},
             "tau": 0.9,
             "t_max": 0.02,

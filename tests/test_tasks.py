@@ -18,24 +18,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from evaluators.datasets.captions import KarpathyCaptions  # noqa: E402
 from evaluators.datasets.imagefolder import ImageFolderClasses  # noqa: E402
 from evaluators.datasets.vqa import VQAQuestions  # noqa: E402
+from evaluators.errors import ConfigError  # noqa: E402
 from evaluators.tasks.captioning import CaptioningTask, per_sample_loss  # noqa: E402
 from evaluators.tasks.classification import ClassificationTask, targeted_dlr  # noqa: E402
 from evaluators.tasks.vqa import VQATask, ranked_answers  # noqa: E402
-from evaluators.vlms.base import VLMAdapter  # noqa: E402
+from evaluators.vlms.base import VLM, Turn  # noqa: E402
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="CIDEr's PTB tokenizer needs Java")
 
 VOCAB = ["<unk>", "a", "red", "blue", "square", "circle", "on", "white", "black", "background", "yes", "no",
          "maybe", "word", "2", "3"]
 RES = 8
+CAPTION_PROMPTS = {"fake": {"user": "caption this", "decoding": {"max_new_tokens": 7}}}
+VQA_PROMPTS = {"fake": {"user": "Q: {question} A:", "decoding": {"max_new_tokens": 3},
+                        "postprocess": {"cut_at": ["Question"]}}}
+TEMPLATES = ["a photo of a {}."]
 
 
-class FakeVLM(VLMAdapter):
+class FakeVLM(VLM):
     """Deterministic outputs from pixel statistics; losses are token cross-entropies of logits that are
-    linear in the pixels, so they are differentiable in x."""
+    linear in the pixels, so they are differentiable in x. Records every prompt and decoding setting."""
 
     resolution = RES
-    tasks = ("captioning", "vqa", "classification")
+    family = "fake"
+    capabilities = frozenset({"generate", "loss", "embed", "zero_shot"})
 
     def __init__(self, max_classes: int = 16):
         super().__init__()
@@ -43,6 +49,27 @@ class FakeVLM(VLMAdapter):
         d = 3 * RES * RES
         self.register_buffer("w_vocab", torch.randn(d, len(VOCAB), generator=g) * 4 / d**0.5)
         self.register_buffer("w_cls", torch.randn(d, max_classes, generator=g) * 4 / d**0.5)
+        self.calls: list[tuple[str, list[str], dict]] = []
+
+    def format_prompt(self, turns: Sequence[Turn]) -> str:
+        return " | ".join(("<image>" if t.image else "") + t.user + (f"={t.assistant}" if t.assistant else "")
+                          for t in turns)
+
+    def generate(self, x: torch.Tensor, prompts: Sequence[str], **decoding) -> list[str]:
+        assert len(prompts) == x.shape[0]
+        self.calls.append(("generate", list(prompts), decoding))
+        if all("caption" in p for p in prompts):
+            return self.caption(x)
+        return [a + " Question: more" for a in self.answer(x, prompts)]  # the template's cut_at drops the tail
+
+    def loss(self, x: torch.Tensor, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
+        assert len(prompts) == len(targets) == x.shape[0]
+        self.calls.append(("loss", list(prompts), {}))
+        return self.token_ce(x, targets)
+
+    def zero_shot_logits(self, x: torch.Tensor, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        assert list(templates) == TEMPLATES
+        return self.classify(x, classnames)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.flatten(1) @ self.w_vocab, dim=1)
@@ -66,14 +93,6 @@ class FakeVLM(VLMAdapter):
             out.append(F.cross_entropy(logits[i].expand(len(ids), -1), ids))
         return torch.stack(out)
 
-    def caption_loss(self, x: torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        assert len(captions) == x.shape[0]
-        return self.token_ce(x, captions)
-
-    def answer_loss(self, x: torch.Tensor, questions: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-        assert len(questions) == len(answers) == x.shape[0]
-        return self.token_ce(x, answers)
-
     def classify(self, x: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         return 10 * (x.flatten(1) - 0.5) @ self.w_cls[:, : len(classnames)]
 
@@ -92,7 +111,8 @@ def _check_stage_losses(objective, x: torch.Tensor) -> None:
     for index in (torch.arange(x.shape[0]), torch.tensor([x.shape[0] - 1])):
         for stage in objective.stages:
             xi = x[index].clone().requires_grad_(True)
-            loss = stage.loss(xi, index)
+            fn = stage.loss if stage.follow_best is None else stage.follow_best([None] * x.shape[0])
+            loss = fn(xi, index)
             assert loss.shape == (len(index),), stage.name
             assert torch.isfinite(loss).all(), stage.name
             (grad,) = torch.autograd.grad(loss.sum(), xi)
@@ -127,7 +147,7 @@ def caption_source(tmp_path) -> KarpathyCaptions:
 
 @needs_java
 def test_captioning_predict_score_aggregate(caption_source):
-    task = CaptioningTask(caption_source)
+    task = CaptioningTask(caption_source, prompts=CAPTION_PROMPTS)
     vlm = FakeVLM()
     batch = [caption_source.get(i) for i in caption_source.ids]
     with pytest.raises(RuntimeError, match="prepare"):
@@ -137,6 +157,7 @@ def test_captioning_predict_score_aggregate(caption_source):
     preds = task.predict(vlm, x, batch)
     assert preds == ["a red square on a white background", "a blue circle on a black background",
                      "a red square on a white background"]
+    assert vlm.calls == [("generate", ["<image>caption this"] * 3, {"max_new_tokens": 7})]
     scores = task.score(preds, batch)
     assert all(set(s) == {"cider"} for s in scores)
     assert scores[0]["cider"] > 100 and scores[1]["cider"] > 100
@@ -148,16 +169,16 @@ def test_captioning_predict_score_aggregate(caption_source):
     # fewer predictions than prepared: idf from those samples' references (a different number)
     sub = task.aggregate({"1": preds[0], "2": preds[1]}, {s["id"]: s for s in batch})
     assert sub["cider"] != pytest.approx((scores[0]["cider"] + scores[1]["cider"]) / 2)
-    assert task.references(batch[0]) == {"captions": batch[0]["captions"]} and task.inputs(batch[0]) == {}
+    assert task.references(batch[0]) == {"captions": batch[0]["captions"]} and task.inputs(batch[0]) == {"prompt": "<image>caption this"}
     # re-scoring from records alone (no prepare, no data set): id + inputs + references is enough
-    rescore = CaptioningTask(caption_source)
+    rescore = CaptioningTask(caption_source, prompts=CAPTION_PROMPTS)
     views = {s["id"]: {"id": s["id"], **task.inputs(s), **task.references(s)} for s in batch}
     assert rescore.aggregate(dict(zip(caption_source.ids, preds, strict=True)), views) == agg
 
 
 @needs_java
 def test_captioning_objectives(caption_source):
-    task = CaptioningTask(caption_source, attack_success_below=2.0)
+    task = CaptioningTask(caption_source, attack_success_below=2.0, prompts=CAPTION_PROMPTS)
     vlm = FakeVLM()
     batch = [caption_source.get(i) for i in caption_source.ids]
     task.prepare(caption_source.ids)
@@ -167,15 +188,23 @@ def test_captioning_objectives(caption_source):
     assert [s.name for s in single.stages] == ["caption-0"]
     assert single.success_below == 2.0
     ens = task.objective(vlm, batch, "ensemble")
-    assert [s.name for s in ens.stages] == [f"caption-{k}" for k in range(5)] + ["caption-0-fp32"]
+    assert [s.name for s in ens.stages] == [f"caption-{k}" for k in range(5)] + ["caption-best-fp32"]
     assert [s.dtype for s in ens.stages] == [None] * 5 + ["float32"]
     assert not any(s.targeted for s in ens.stages)
     _check_stage_losses(ens, x)
+    # the fp32 stage attacks, per image, the caption whose stage did best (caption 0 while none did)
+    final = ens.stages[-1]
+    assert final.start == "best" and [s.target for s in ens.stages[:5]] == list(range(5))
+    mixed = final.follow_best([2, None, 1])(x, torch.arange(3))
+    caps = [batch[0]["sentences"][2], batch[1]["sentences"][0], batch[2]["sentences"][1]]
+    assert torch.allclose(mixed, vlm.token_ce(x, caps))
 
     # stage k uses the k-th ground-truth caption of each sample
     idx = torch.arange(3)
-    expected = vlm.caption_loss(x, [b["sentences"][1] for b in batch])
+    expected = vlm.token_ce(x, [b["sentences"][1] for b in batch])
+    vlm.calls.clear()
     assert torch.allclose(ens.stages[1].loss(x, idx), expected)
+    assert vlm.calls == [("loss", ["<image>caption this"] * 3, {})]
     # sample 3 has three captions: stages 3 and 4 leave it alone (loss 0, zero gradient)
     xi = x.clone().requires_grad_(True)
     loss = ens.stages[4].loss(xi, idx)
@@ -212,28 +241,30 @@ def vqa_source(tmp_path) -> VQAQuestions:
 
 
 def test_vqa_predict_score_aggregate(vqa_source):
-    task = VQATask(vqa_source)
+    task = VQATask(vqa_source, prompts=VQA_PROMPTS)
     vlm = FakeVLM()
     batch = [vqa_source.get(i) for i in vqa_source.ids]
     x = _images(3)
     preds = task.predict(vlm, x, batch)
-    assert preds == ["Yes.", "no", "Yes."]
+    assert preds == ["Yes.", "no", "Yes."]  # post-processed: cut at "Question"
+    assert vlm.calls == [("generate", ["<image>Q: Is it red? A:", "<image>Q: Is it red? A:", "<image>Q: How many? A:"],
+                          {"max_new_tokens": 3})]
     scores = [s["vqa_acc"] for s in task.score(preds, batch)]
     assert scores == pytest.approx([1.0, 1.0, 0.0])
     assert task.score(["2"], batch[2:])[0]["vqa_acc"] == pytest.approx(0.6)  # leave-one-out, 2 of 10
     agg = task.aggregate(dict(zip(vqa_source.ids, preds, strict=True)), {b["id"]: b for b in batch})
     assert agg == {"vqa_acc": pytest.approx(100 * 2 / 3)}
     # the official convention compares raw strings when the annotators agree
-    official = VQATask(vqa_source, gt_normalisation="if_disagree")
+    official = VQATask(vqa_source, gt_normalisation="if_disagree", prompts=VQA_PROMPTS)
     assert official.score(["Yes."], batch[:1])[0]["vqa_acc"] == 0.0
-    assert task.inputs(batch[0]) == {"question": "Is it red?"}
+    assert task.inputs(batch[0]) == {"question": "Is it red?", "prompt": "<image>Q: Is it red? A:"}
     assert task.references(batch[0]) == {"answers": ["yes"] * 10, "answer_type": "yes/no"}
     with pytest.raises(ValueError):
         VQATask(vqa_source, gt_normalisation="never")
 
 
 def test_vqa_objectives(vqa_source):
-    task = VQATask(vqa_source)
+    task = VQATask(vqa_source, prompts=VQA_PROMPTS)
     vlm = FakeVLM()
     batch = [vqa_source.get(i) for i in vqa_source.ids]
     x = _images(3)
@@ -243,10 +274,11 @@ def test_vqa_objectives(vqa_source):
     assert [s.name for s in single.stages] == ["answer-0"]
     idx = torch.arange(3)
     assert torch.allclose(single.stages[0].loss(x, idx), vlm.token_ce(x, ["yes", "no", "3"]))
+    assert vlm.calls[-1] == ("loss", [f"<image>Q: {b['question']} A:" for b in batch], {})
 
     ens = task.objective(vlm, batch, "ensemble")
     names = [s.name for s in ens.stages]
-    assert names == [f"answer-{k}" for k in range(5)] + ["answer-0-fp32", "target-maybe", "target-Word"]
+    assert names == [f"answer-{k}" for k in range(5)] + ["answer-best-fp32", "target-maybe", "target-Word"]
     assert [s.targeted for s in ens.stages] == [False] * 6 + [True, True]
     assert ens.success_below == 0.0
     _check_stage_losses(ens, x)
@@ -254,6 +286,9 @@ def test_vqa_objectives(vqa_source):
     loss = ens.stages[1].loss(x, idx)
     assert loss[0] == 0
     assert torch.allclose(loss[1:], vlm.token_ce(x[1:], ["No", "2"]))
+    # the fp32 stage attacks, per question, the answer whose stage did best
+    best = ens.stages[5].follow_best([None, 1, 1])(x, idx)
+    assert torch.allclose(best, vlm.token_ce(x, ["yes", "No", "2"]))
 
     # ascending a targeted stage makes the target answer more likely
     for stage, target in zip(ens.stages[-2:], ["maybe", "Word"], strict=True):
@@ -283,7 +318,7 @@ def _class_source(tmp_path: Path, n_classes: int) -> ImageFolderClasses:
 def test_classification_predict_score_aggregate(tmp_path):
     src = _class_source(tmp_path, 12)
     assert src.classnames[0] == "class 00"
-    task = ClassificationTask(src)
+    task = ClassificationTask(src, templates=TEMPLATES)
     vlm = FakeVLM()
     x = _images(4)
     logits = vlm.classify(x, src.classnames)
@@ -295,13 +330,13 @@ def test_classification_predict_score_aggregate(tmp_path):
     agg = task.aggregate({b["id"]: p for b, p in zip(batch, preds, strict=True)}, {b["id"]: b for b in batch})
     assert agg == {"top1": pytest.approx(75.0)}
     assert task.references(batch[0]) == {"label": batch[0]["label"], "classname": src.classnames[batch[0]["label"]]}
-    with pytest.raises(TypeError, match="templates"):
-        ClassificationTask(src, templates=["a photo of a {}."]).predict(vlm, x, batch)
+    with pytest.raises(ConfigError, match="templates"):
+        ClassificationTask(src)
 
 
 def test_classification_objectives(tmp_path):
     src = _class_source(tmp_path, 12)
-    task = ClassificationTask(src)
+    task = ClassificationTask(src, templates=TEMPLATES)
     vlm = FakeVLM()
     x = _images(3, seed=1)
     clean = vlm.classify(x, src.classnames)
@@ -309,7 +344,7 @@ def test_classification_objectives(tmp_path):
     batch = [{"id": str(i), "image_path": "unused", "label": int(labels[i])} for i in range(3)]
     idx = torch.arange(3)
 
-    single = task.objective(vlm, batch, "single")
+    single = task.objective(vlm, batch, "single", protocol={"attacks": ["apgd-ce"]})
     assert [s.name for s in single.stages] == ["ce"]
     assert torch.allclose(single.stages[0].loss(x, idx), F.cross_entropy(clean, labels, reduction="none"))
 
@@ -346,7 +381,7 @@ def test_classification_objectives(tmp_path):
 
 def test_classification_few_classes(tmp_path):
     src = _class_source(tmp_path, 3)
-    task = ClassificationTask(src)
+    task = ClassificationTask(src, templates=TEMPLATES)
     vlm = FakeVLM()
     x = _images(2)
     labels = vlm.classify(x, src.classnames).argmax(1)
@@ -354,3 +389,4 @@ def test_classification_few_classes(tmp_path):
     ens = task.objective(vlm, batch, "ensemble")
     assert [s.name for s in ens.stages] == ["ce", "dlr-target-2", "dlr-target-3"]
     _check_stage_losses(ens, x)
+

@@ -4,19 +4,14 @@ published layouts and loaded back through the published loading paths with ident
 from __future__ import annotations
 
 import hashlib
-import sys
 from pathlib import Path
 
 import pytest
+import tiny_vlm_builders as B  # scripts/ is on pytest's pythonpath (pyproject.toml)
 import torch
+import train_tiny_vlms as T
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import tiny_vlm_builders as B  # noqa: E402
-import train_tiny_vlms as T  # noqa: E402
-
-from evaluators.datasets.shapes import generate_shapes  # noqa: E402
+from evaluators.datasets.shapes import generate_shapes
 
 
 @pytest.fixture(scope="module")

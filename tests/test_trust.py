@@ -71,7 +71,8 @@ def test_moved_data_folder_resumes_and_changed_annotations_do_not(world, tmp_pat
     shutil.copytree(world, old)
     args = ["experiment=fast_dev", "tasks=[vqa]", *SMALL_WORLD, f"paths.cache_dir={tmp_path / 'cache'}"]
     first = run_in(tmp_path / "run", [*args, f"paths.data_dir={old}"])
-    assert set(first["fingerprints"]["data"]) == {"vqa.questions_file", "vqa.annotations_file"}
+    assert set(first["fingerprints"]["data"]) == {"vqa.questions_file", "vqa.annotations_file",
+                                                  "vqa.demo_questions_file", "vqa.demo_annotations_file"}
     new = tmp_path / "moved"
     old.rename(new)
     again = run_in(tmp_path / "run", [*args, f"paths.data_dir={new}"])

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from diffcap.denoisers import Denoiser, load_guided_diffusion
 from diffcap.unet import GUIDED_DIFFUSION_256_UNCOND_FLAGS, UNetModel
+from diffcap.unet_blocks import GroupNorm32
 
 # ---------------------------------------------------------------- expected state-dict layout
 
@@ -277,6 +278,22 @@ def test_fp16_torso_close_to_fp32(tmp_path):
         a, b = den32(x, 0.3), den16(x, 0.3)
     assert b.dtype == torch.float32
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_groupnorm_computes_in_float32_under_fp16():
+    """guided-diffusion's GroupNorm32: normalise in float32, cast back. In float16 the statistics of a
+    feature map with a large mean lose precision, so the outputs differ from the float32 ones."""
+    g = torch.Generator().manual_seed(0)
+    gn = GroupNorm32(32, 64)
+    with torch.no_grad():
+        gn.weight.copy_(torch.rand(64, generator=g) + 0.5)
+        gn.bias.copy_(torch.randn(64, generator=g))
+    x = (30 + 0.1 * torch.randn(2, 64, 8, 8, generator=g)).half()
+    y = gn(x)
+    assert y.dtype == torch.float16
+    want = F.group_norm(x.float(), 32, gn.weight, gn.bias, gn.eps).half()
+    assert torch.equal(y, want)
+    assert not torch.equal(F.group_norm(x, 32, gn.weight.half(), gn.bias.half(), gn.eps), want)
 
 
 def test_wrong_layout_fails_strictly(tmp_path):

@@ -23,8 +23,17 @@ class SampleSource(ABC):
         """Annotations of one sample: always ``id`` and ``image_path``; plus, by task,
         ``captions`` (list[str]) / ``question`` and ``answers`` (10 strings) / ``label`` (int)."""
 
-    #: class names, for classification sources
+    #: class names and zero-shot prompt templates ("{}" placeholder), for classification sources
     classnames: list[str] | None = None
+    templates: list[str] | None = None
+    #: which images the evaluated subset is drawn from (recorded in the manifest)
+    pool: str = "all samples of the evaluated split"
+
+    def demonstrations(self) -> list[dict[str, Any]]:
+        """The train-split pool for in-context demonstrations (OpenFlamingo's zero-shot prompts): each
+        ``{"caption": str}`` (caption sets) or ``{"question": str, "answer": str}`` (VQA sets).
+        Raises DataError naming the missing train-side file."""
+        raise DataError(f"{type(self).__name__} has no train split to draw demonstrations from")
 
 
 def require_file(path: str | Path, what: str) -> Path:

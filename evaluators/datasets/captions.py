@@ -18,6 +18,8 @@ from evaluators.datasets.base import DataError, SampleSource, require_dir, requi
 log = logging.getLogger(__name__)
 
 ID_KEYS = ("auto", "cocoid", "imgid", "filename")
+#: the Karpathy split OpenFlamingo's evaluation draws its demonstrations from
+DEMO_SPLIT = "train"
 
 
 def load_json(path: Path, what: str) -> Any:
@@ -25,8 +27,20 @@ def load_json(path: Path, what: str) -> Any:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{what} at {path} is not valid JSON ({e}); re-download or regenerate it") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        reason = "not valid JSON (truncated or malformed)" if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
+        raise DataError(f"{what} at {path} is {reason} ({e}); re-download or regenerate it") from e
+
+
+def entries_of(data: Any, key: str, path: Path, expected: str) -> list[dict[str, Any]]:
+    """``data[key]`` as a list of objects, else a DataError naming the file and the field."""
+    items = data.get(key) if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        raise DataError(f"{path} has no '{key}' list; expected {expected}")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DataError(f"{path}: '{key}'[{i}] is a {type(item).__name__}, not an object; expected {expected}")
+    return items
 
 
 def _image_id(entry: dict[str, Any], key: str) -> str:
@@ -62,13 +76,15 @@ class KarpathyCaptions(SampleSource):
         kfile = require_file(karpathy_file, "Karpathy split file (e.g. dataset_coco.json)")
         self.image_root = require_dir(image_root, "caption image folder")
         self.split = split
-        data = load_json(kfile, "Karpathy split file")
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise DataError(f"{kfile} has no 'images' list; expected a Karpathy split file like dataset_coco.json")
-        entries = [e for e in data["images"] if e.get("split") == split]
+        self.karpathy_file = kfile
+        images = entries_of(load_json(kfile, "Karpathy split file"), "images", kfile,
+                            "a Karpathy split file like dataset_coco.json")
+        entries = [e for e in images if e.get("split") == split]
         if not entries:
-            splits = sorted({str(e.get("split")) for e in data["images"]})
-            raise DataError(f"{kfile} has no images in split {split!r} (splits present: {splits})")
+            splits = sorted({str(e.get("split")) for e in images})
+            raise DataError(f"{kfile} has no images in split {split!r} (field 'split'; splits present: {splits})")
+        # OpenFlamingo's demonstrations: the first raw sentence of every Karpathy train image
+        self._train = [e for e in images if e.get("split") == DEMO_SPLIT]
 
         references: dict[str, list[str]] | None = None
         if references_file is not None:
@@ -83,8 +99,9 @@ class KarpathyCaptions(SampleSource):
                 sentences = [str(s["raw"]) for s in e.get("sentences", [])]
                 rel = Path(str(e.get("filepath", ""))) / str(e["filename"])
                 name = str(e["filename"])
-            except KeyError as err:
-                raise DataError(f"{kfile}: an image entry lacks the field {err}; not a Karpathy split file") from err
+            except (KeyError, TypeError) as err:
+                raise DataError(f"{kfile}: an image entry lacks the field {err} (or 'sentences'[].'raw'); "
+                                "not a Karpathy split file") from err
             if sid in self._samples:
                 raise DataError(f"{kfile}: sample id {sid!r} appears twice in split {split!r}")
             self._samples[sid] = {"rel": rel, "name": name, "sentences": sentences}
@@ -108,11 +125,10 @@ class KarpathyCaptions(SampleSource):
 
     @staticmethod
     def _read_references(rfile: Path) -> dict[str, list[str]]:
-        data = load_json(rfile, "COCO-style captions file")
-        if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-            raise DataError(f"{rfile} has no 'annotations' list; expected a COCO captions file")
+        annotations = entries_of(load_json(rfile, "COCO-style captions file"), "annotations", rfile,
+                                 "a COCO captions file like captions_val2014.json")
         refs: dict[str, list[str]] = {}
-        for ann in data["annotations"]:
+        for ann in annotations:
             try:
                 refs.setdefault(str(ann["image_id"]), []).append(str(ann["caption"]))
             except KeyError as err:
@@ -159,3 +175,18 @@ class KarpathyCaptions(SampleSource):
             "captions": list(s["captions"]),
             "sentences": list(s["sentences"]),
         }
+
+    def demonstrations(self) -> list[dict[str, Any]]:
+        """``{"caption": first raw sentence}`` of every Karpathy train image, in file order (open_flamingo's
+        caption demonstrations come from the same file's ``train`` entries, sentence 0)."""
+        if not self._train:
+            raise DataError(f"{self.karpathy_file} has no images in split {DEMO_SPLIT!r} (field 'split'), which "
+                            "OpenFlamingo's demonstrations need; use the complete Karpathy split file")
+        pool = []
+        for e in self._train:
+            try:
+                pool.append({"caption": str(e["sentences"][0]["raw"])})
+            except (KeyError, IndexError, TypeError) as err:
+                raise DataError(f"{self.karpathy_file}: train image {e.get('imgid')} lacks 'sentences'[0].'raw' "
+                                f"({err!r})") from err
+        return pool

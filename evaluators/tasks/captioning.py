@@ -7,11 +7,10 @@ corpus number all share one idf and the corpus equals pycocoevalcap on the same 
 Attack schedules (``objective``):
 
 - ``"single"``: one stage, maximise the caption cross-entropy of the first ground-truth caption;
-- ``"ensemble"``: one stage per ground-truth caption (the first five) in turn, then one more stage, in
-  float32, on the first caption. RobustVLM runs the five caption stages in float16 (left to the attack's
-  default dtype here) and its float32 stage starts from the best adversarial image so far and uses, per
-  image, the caption whose stage did best; a ``Stage`` carries no per-image choice, so the first caption
-  is used (the attack decides where the stage starts).
+- ``"ensemble"``: one stage per ground-truth caption (the first five) in turn, then one more stage in
+  float32 that starts from the best adversarial image so far and attacks, per image, the caption whose
+  stage did best (the first caption while no stage improved on the clean image), as RobustVLM does. RobustVLM
+  runs the five caption stages in float16 (``attack.precision``).
 
 The attack stops on an image once its CIDEr is <= ``attack_success_below`` (RobustVLM: < 10 on COCO, < 2
 on Flickr30k).
@@ -20,7 +19,7 @@ on Flickr30k).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -29,7 +28,8 @@ from attacks.base import Objective, Stage
 from evaluators.datasets.base import SampleSource
 from evaluators.metrics.cider import CiderScorer
 from evaluators.tasks.base import Task
-from evaluators.vlms.base import VLMAdapter
+from evaluators.tasks.prompting import PromptTemplate
+from evaluators.vlms.base import VLM, Turn, VLMAdapter
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ class CaptioningTask(Task):
     name = "captioning"
     primary = "cider"
 
-    def __init__(self, source: SampleSource, attack_success_below: float = 10.0):
-        super().__init__(source)
+    def __init__(self, source: SampleSource, attack_success_below: float = 10.0,
+                 prompts: Mapping[str, Any] | None = None, demo_seed: int = 0):
+        super().__init__(source, prompts, demo_seed)
         self.attack_success_below = float(attack_success_below)
         self._scorer: CiderScorer | None = None
         # the scorer of the last aggregate() over another id set (re-scoring calls it once per condition)
@@ -130,9 +131,11 @@ class CaptioningTask(Task):
 
     # ------------------------------------------------------------------------------------ Task API
 
-    def predict(self, vlm: VLMAdapter, x: torch.Tensor, batch: list[dict[str, Any]]) -> list[str]:
-        with torch.no_grad():
-            return [str(c) for c in vlm.caption(x)]
+    def predict(self, vlm: VLM, x: torch.Tensor, batch: list[dict[str, Any]]) -> list[str]:
+        return self.generate(vlm, x, batch)
+
+    def demo_turn(self, template: PromptTemplate, demo: dict[str, Any]) -> Turn:
+        return Turn(user=self._user_text(template, {}), assistant=str(demo["caption"]), image=False)
 
     def score(self, predictions: list[Any], batch: list[dict[str, Any]]) -> list[dict[str, float]]:
         values = self._cider([s["id"] for s in batch], predictions)
@@ -161,39 +164,39 @@ class CaptioningTask(Task):
         return {"cider": scorer.corpus({i: str(p) for i, p in predictions.items()})}
 
     def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
-                  x_clean: torch.Tensor | None = None) -> Objective:
+                  x_clean: torch.Tensor | None = None, protocol: dict[str, Any] | None = None) -> Objective:
         if schedule not in ("single", "ensemble"):
             raise ValueError(f"schedule must be 'single' or 'ensemble', got {schedule!r}")
         captions = [self.attack_captions(s) for s in batch]
+        prompts = self.build_prompts(vlm, batch)
         ids = [s["id"] for s in batch]
         _ = self.scorer  # fail now, not inside the attack, when prepare() was not called
 
-        def caption_loss(k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-            targets = [c[k] if k < len(c) else None for c in captions]
+        def caption_loss(k: int | list[int]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            """Loss of caption k, or of caption k[r] for batch row r."""
+            ks = k if isinstance(k, list) else [k] * len(captions)
+            targets = [(p, c[j]) if j < len(c) else None for p, c, j in zip(prompts, captions, ks, strict=True)]
 
             def loss(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-                return per_sample_loss(x, index, targets, vlm.caption_loss)
+                return per_sample_loss(x, index, targets, lambda x_, pt: self.target_loss(vlm, x_, pt))
 
             return loss
 
         if schedule == "single":
             stages = [Stage("caption-0", caption_loss(0))]
         else:
-            stages = [Stage(f"caption-{k}", caption_loss(k)) for k in range(N_ENSEMBLE_CAPTIONS)]
-            stages.append(Stage("caption-0-fp32", caption_loss(0), dtype="float32", start="best"))
+            stages = [Stage(f"caption-{k}", caption_loss(k), target=k) for k in range(N_ENSEMBLE_CAPTIONS)]
+            stages.append(Stage("caption-best-fp32", dtype="float32", start="best",
+                                follow_best=lambda best: caption_loss([0 if k is None else k for k in best])))
 
         def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             rows = _rows(index)
-            with torch.no_grad():
-                preds = vlm.caption(x)
+            preds = self.generate(vlm, x, [batch[r] for r in rows])
             values = self._cider([ids[r] for r in rows], preds)
             return torch.tensor(values, dtype=torch.float32, device=x.device)
 
         return Objective(stages=stages, score=score, success_below=self.attack_success_below,
                          extra={"schedule": schedule, "metric": "cider"})
-
-    def inputs(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return {}
 
     def references(self, sample: dict[str, Any]) -> dict[str, Any]:
         """``{"captions": [...]}``: with ``id`` and ``inputs`` this rebuilds what ``aggregate`` reads."""

@@ -1,27 +1,28 @@
-"""Zero-shot image classification scored with top-1 accuracy, attacked with APGD-CE and APGD-T.
+"""Zero-shot image classification scored with top-1 accuracy, attacked with RobustVLM's protocol.
 
-Attack schedules (``objective``):
+Attack (``objective``): RobustVLM evaluates zero-shot classification with AutoAttack's custom version,
+attacks ["apgd-ce", "apgd-t"], and the harness runs the same by default (``ZERO_SHOT``; a run overrides it
+with ``attack.zero_shot``, for any ``attack.schedule``):
 
-- ``"single"``: APGD-CE, i.e. maximise the cross-entropy of the logits w.r.t. the true label;
-- ``"ensemble"``: APGD-CE, then APGD-T (Croce and Hein 2020): one targeted stage per target class, the
-  targets being the classes with the 2nd..10th highest logit at the reference point (fewer when there
-  are fewer classes). Each targeted stage maximises minus the targeted DLR loss
+- APGD-CE: maximise the cross-entropy w.r.t. the true label; 5 restarts, each from its own random start,
+  first step 2 eps, each restart only on the images not yet misclassified;
+- APGD-T: one run per target class (1 restart, random start, first step 2 eps), the targets being the
+  classes with the 2nd..(k+1)-th highest logit at the clean image, k = min(9, classes - 1); only APGD-CE
+  when there are at most 2 classes. Each targeted run maximises minus the targeted DLR loss
 
       loss = -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)
 
   with z the logits, y the true class, t the target and z_pi1 >= z_pi2 >= ... the sorted logits (with
   fewer than four classes the denominator is z_pi1 - z_piC + 1e-12).
 
-Where the targets come from: APGD-T ranks the classes by the logits of the image it starts from (the
-clean image). ``objective`` does not see the images, so the ranking is taken from the logits at the first
-point the objective evaluates a sample (its ``score`` or any stage's loss; an attack evaluates the clean
-image first), or from ``x_clean`` when the caller passes it. All targeted stages share that ranking, so
-the targets are distinct.
+The iteration count is the attack's ``steps`` (100 in RobustVLM). ``initial_step`` / ``random_start`` set to
+None take the attack's own values (BPDA+EOT runs ``attacks: [apgd-ce]`` with one restart). Where the targets
+come from: the logits at ``x_clean`` when the caller passes it, else at the first point the objective
+evaluates a sample (its ``score``, which every attack calls on the clean images first).
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,15 +31,18 @@ import torch
 import torch.nn.functional as F
 
 from attacks.base import Objective, Stage
+from attacks.config import ZERO_SHOT_ATTACKS
 from evaluators.datasets.base import SampleSource
+from evaluators.errors import ConfigError
 from evaluators.metrics.accuracy import top1
 from evaluators.tasks.base import Task
-from evaluators.vlms.base import VLMAdapter
+from evaluators.vlms.base import VLM, VLMAdapter
 
 log = logging.getLogger(__name__)
 
-#: APGD-T's number of target classes (AutoAttack's standard setting)
-N_TARGET_CLASSES = 9
+#: RobustVLM's zero-shot protocol (AutoAttack custom ["apgd-ce", "apgd-t"])
+ZERO_SHOT: dict[str, Any] = {"attacks": ["apgd-ce", "apgd-t"], "ce_restarts": 5, "target_classes": 9,
+                             "initial_step": 2.0, "random_start": True}
 
 
 def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -57,31 +61,32 @@ def targeted_dlr(logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tens
 class ClassificationTask(Task):
     """Caltech101 / ImageNet zero-shot classification; headline metric: top-1 x100.
 
-    ``templates``: prompt templates (e.g. "a photo of a {}.") handed to ``vlm.classify(x, classnames,
-    templates=...)``; the adapter must accept that keyword. None leaves the templates to the adapter.
+    ``templates``: the data set's prompt templates (e.g. "a photo of a {}."); None takes the source's
+    ``templates``. Each class embedding is the normalised mean over them (``vlm.zero_shot_logits``).
     """
 
     name = "classification"
     primary = "top1"
 
-    def __init__(self, source: SampleSource | None, templates: Sequence[str] | None = None):
-        """``source=None`` builds a scorer only (re-scoring from samples.jsonl needs no class names)."""
-        super().__init__(source)
+    def __init__(self, source: SampleSource | None, templates: Sequence[str] | None = None, demo_seed: int = 0):
+        """``source=None`` builds a scorer only (re-scoring from samples.jsonl needs no class names);
+        ``demo_seed`` is accepted like every task's (zero-shot classification has no demonstrations)."""
+        super().__init__(source, demo_seed=demo_seed)
         if source is not None and not source.classnames:
             raise ValueError(f"{type(source).__name__} has no classnames; classification needs them")
+        if templates is None and source is not None:
+            templates = getattr(source, "templates", None)  # the data set's own templates travel with its source
+        if source is not None and not templates:
+            raise ConfigError("dataset.tasks.classification has no templates (neither on the task nor on its "
+                              "source); zero-shot classification needs prompt templates such as 'a photo of a {}.'")
         self.classnames: list[str] = list(source.classnames) if source is not None else []
         self.templates = list(templates) if templates is not None else None
 
-    def logits(self, vlm: VLMAdapter, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, vlm: VLM, x: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits (B, C), differentiable in x."""
-        if self.templates is None:
-            return vlm.classify(x, self.classnames)
-        if "templates" not in inspect.signature(vlm.classify).parameters:
-            raise TypeError(f"{type(vlm).__name__}.classify does not take templates=; "
-                            "leave the task's templates unset for this model")
-        return vlm.classify(x, self.classnames, templates=self.templates)  # type: ignore[call-arg]
+        return vlm.zero_shot_logits(x, self.classnames, self.templates or [])
 
-    def predict(self, vlm: VLMAdapter, x: torch.Tensor, batch: list[dict[str, Any]]) -> list[int]:
+    def predict(self, vlm: VLM, x: torch.Tensor, batch: list[dict[str, Any]]) -> list[int]:
         with torch.no_grad():
             return [int(c) for c in self.logits(vlm, x).argmax(dim=1).tolist()]
 
@@ -99,18 +104,19 @@ class ClassificationTask(Task):
             labels.append(int((sample if sample is not None and "label" in sample else self.source.get(i))["label"]))
         return {"top1": 100.0 * top1([int(p) for p in predictions.values()], labels)}
 
-    def objective(
-        self,
-        vlm: VLMAdapter,
-        batch: list[dict[str, Any]],
-        schedule: str,
-        x_clean: torch.Tensor | None = None,
-    ) -> Objective:
-        """``x_clean`` (optional): the batch's clean images, to rank the APGD-T targets up front."""
+    def objective(self, vlm: VLMAdapter, batch: list[dict[str, Any]], schedule: str,
+                  x_clean: torch.Tensor | None = None, protocol: dict[str, Any] | None = None) -> Objective:
+        """``protocol``: overrides of ``ZERO_SHOT`` (``attack.zero_shot``); ``x_clean`` (optional): the batch's
+        clean images, to rank the APGD-T targets up front."""
         if schedule not in ("single", "ensemble"):
             raise ValueError(f"schedule must be 'single' or 'ensemble', got {schedule!r}")
+        proto = {**ZERO_SHOT, **(protocol or {})}
+        unknown = [a for a in proto["attacks"] if a not in ZERO_SHOT_ATTACKS]
+        if unknown or not proto["attacks"]:
+            raise ValueError(f"attack.zero_shot.attacks must be a non-empty subset of {list(ZERO_SHOT_ATTACKS)}, "
+                             f"got {list(proto['attacks'])}")
         labels = torch.tensor([int(s["label"]) for s in batch], dtype=torch.long)
-        n_targets = min(N_TARGET_CLASSES, len(self.classnames) - 1)
+        n_targets = min(int(proto["target_classes"]), len(self.classnames) - 1)
         ranking: dict[int, torch.Tensor] = {}  # batch row -> classes by decreasing reference logit
 
         def remember(rows: list[int], z: torch.Tensor) -> None:
@@ -138,9 +144,16 @@ class ClassificationTask(Task):
 
             return loss
 
-        stages = [Stage("ce", ce)]
-        if schedule == "ensemble":
-            stages += [Stage(f"dlr-target-{k + 1}", dlr_target(k), targeted=True) for k in range(1, n_targets + 1)]
+        run = {"initial_step": proto["initial_step"], "random_start": proto["random_start"]}
+        stages = []
+        if "apgd-ce" in proto["attacks"]:
+            stages.append(Stage("ce", ce, restarts=int(proto["ce_restarts"]), **run))
+        if "apgd-t" in proto["attacks"] and len(self.classnames) > 2:
+            stages += [Stage(f"dlr-target-{k + 1}", dlr_target(k), targeted=True, target=k, **run)
+                       for k in range(1, n_targets + 1)]
+        if not stages:
+            raise ValueError(f"attack.zero_shot.attacks={list(proto['attacks'])} leaves no stage for "
+                             f"{len(self.classnames)} classes")
 
         def score(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
             rows = [int(r) for r in index.tolist()]
@@ -149,11 +162,15 @@ class ClassificationTask(Task):
             remember(rows, z)
             return (z.argmax(dim=1).cpu() == labels[rows]).float().to(x.device)
 
-        return Objective(stages=stages, score=score, success_below=0.0,
-                         extra={"schedule": schedule, "metric": "top1"})
+        def judge(draws: list[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+            """DiffPure's verdict: logits averaged over the purification draws, then top-1."""
+            rows = [int(r) for r in index.tolist()]
+            with torch.no_grad():
+                z = torch.stack([self.logits(vlm, d).float() for d in draws]).mean(0)
+            return (z.argmax(dim=1).cpu() == labels[rows]).float()
 
-    def inputs(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return {}
+        return Objective(stages=stages, score=score, success_below=0.0, judge=judge,
+                         extra={"schedule": "zero_shot", "protocol": proto, "metric": "top1"})
 
     def references(self, sample: dict[str, Any]) -> dict[str, Any]:
         """``{"label": int, "classname": str}``: with ``id`` this rebuilds what ``aggregate`` reads."""

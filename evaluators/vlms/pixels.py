@@ -8,14 +8,18 @@ import torch
 from PIL import Image
 
 
-def pad_to_square(img: Image.Image) -> Image.Image:
-    """Pad the shorter side symmetrically with the image's mean colour (LLaVA's ``expand2square``, which
-    pads with the processor's mean colour; here the image's own mean, so no model constant is needed)."""
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int] | None = None) -> Image.Image:
+    """Pad the shorter side symmetrically (offset ``(side - w) // 2``, as LLaVA's ``expand2square``) with
+    ``fill`` (LLaVA: 255 x the image processor's mean, truncated to int) or, when None, the image's own mean
+    colour (for models without such a constant)."""
     img = img.convert("RGB")
     w, h = img.size
     if w == h:
         return img
-    mean = tuple(int(round(v)) for v in np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(axis=0))
+    if fill is None:
+        mean = tuple(int(round(v)) for v in np.asarray(img, dtype=np.float64).reshape(-1, 3).mean(axis=0))
+    else:
+        mean = tuple(int(v) for v in fill)
     side = max(w, h)
     canvas = Image.new("RGB", (side, side), mean)
     canvas.paste(img, ((side - w) // 2, (side - h) // 2))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from evaluators.vlms.base import VLMAdapter
+from evaluators.vlms.base import VLM, ClassEmbeddings, Turn, check_batch
 
 log = logging.getLogger(__name__)
 
@@ -315,10 +315,11 @@ def _freeze(module: nn.Module) -> None:
 # ------------------------------------------------------------------------------------------ TinyCLIP
 
 
-class TinyCLIP(VLMAdapter):
+class TinyCLIP(VLM):
     """Contrastive image-text model; zero-shot classifier over prompt templates."""
 
-    tasks = ("classification",)
+    family = "clip"
+    capabilities = frozenset({"embed", "zero_shot"})
 
     def __init__(self, config: TinyCLIPConfig, tokenizer: WordTokenizer):
         super().__init__()
@@ -333,6 +334,7 @@ class TinyCLIP(VLMAdapter):
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self.templates: tuple[str, ...] = CLASS_TEMPLATES
+        self._class_embeddings = ClassEmbeddings()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -366,16 +368,18 @@ class TinyCLIP(VLMAdapter):
         """L2-normalised text embeddings (N, E)."""
         return F.normalize(self.text(*self.tokenize(texts)), dim=-1)
 
-    def class_embeddings(self, classnames: Sequence[str]) -> torch.Tensor:
-        """(C, E): per class, the normalised mean of its normalised template embeddings."""
-        texts = [tpl.format(c) for c in classnames for tpl in self.templates]
-        with torch.no_grad():
-            e = self.encode_text(texts).view(len(classnames), len(self.templates), -1).mean(1)
-        return F.normalize(e, dim=-1)
+    def class_embeddings(self, classnames: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """(C, E): per class, the normalised mean of its normalised template embeddings (cached)."""
+        return self._class_embeddings(self.encode_text, classnames, templates or self.templates, self.device)
+
+    def zero_shot_logits(self, x: torch.Tensor, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """exp(logit_scale) * image features @ class embeddings: (B, C), differentiable in x."""
+        e = self.class_embeddings(classnames, templates)
+        return self.logit_scale.exp() * self.embed(x) @ e.to(self.dtype).T
 
     def classify(self, x: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
-        """exp(logit_scale) * image features @ class embeddings: (B, C), differentiable in x."""
-        return self.logit_scale.exp() * self.embed(x) @ self.class_embeddings(classnames).T
+        """``zero_shot_logits`` with the templates the model was trained with."""
+        return self.zero_shot_logits(x, classnames, self.templates)
 
     def contrastive_loss(self, x: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """Symmetric InfoNCE of matching (image i, text i) pairs within the batch."""
@@ -403,10 +407,12 @@ class TinyCLIP(VLMAdapter):
 # ------------------------------------------------------------------------------------------- TinyVLM
 
 
-class TinyVLM(VLMAdapter):
-    """LLaVA-like captioner / VQA model over a frozen TinyCLIP vision tower."""
+class TinyVLM(VLM):
+    """LLaVA-like captioner / VQA model over a frozen TinyCLIP vision tower. Its prompts are bare word
+    sequences (family "tiny": no chat framing), the ones it was trained with."""
 
-    tasks = ("captioning", "vqa", "classification")
+    family = "tiny"
+    capabilities = frozenset({"generate", "loss", "embed", "zero_shot"})
 
     def __init__(self, config: TinyVLMConfig, tokenizer: WordTokenizer, clip: TinyCLIP | None = None):
         super().__init__()
@@ -460,6 +466,23 @@ class TinyVLM(VLMAdapter):
     def classify(self, x: torch.Tensor, classnames: Sequence[str]) -> torch.Tensor:
         """Zero-shot through the contained CLIP (identical to ``TinyCLIP.classify``)."""
         return self.clip.classify(x, classnames)
+
+    def zero_shot_logits(self, x: torch.Tensor, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        return self.clip.zero_shot_logits(x, classnames, templates)
+
+    # -- the task-agnostic contract
+    def format_prompt(self, turns: Sequence[Turn]) -> str:
+        """The turns' texts joined by spaces: the model has no chat framing and no image token."""
+        parts = []
+        for t in turns:
+            parts.append(t.user)
+            if t.assistant is not None:
+                parts.append(t.assistant)
+        return " ".join(parts)
+
+    def loss(self, x: torch.Tensor, prompts: Sequence[str], targets: Sequence[str]) -> torch.Tensor:
+        check_batch(x, self.resolution, prompts, targets)
+        return self.sequence_loss(self.vision_features(x), prompts, targets)
 
     # -- text layout
     def _layout(
@@ -528,8 +551,13 @@ class TinyVLM(VLMAdapter):
         return self.sequence_loss(self.vision_features(x), [VQA_PROMPT.format(q) for q in questions], answers)
 
     @torch.no_grad()
-    def generate(self, x: torch.Tensor, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy decoding, batched; stops when every sample has produced <eos>."""
+    def generate(self, x: torch.Tensor, prompts: Sequence[str], max_new_tokens: int = 16, num_beams: int = 1,
+                 do_sample: bool = False, **decoding: Any) -> list[str]:
+        """Greedy decoding, batched; stops when every sample has produced <eos>. Only greedy is implemented:
+        other decoding settings are refused rather than ignored."""
+        if int(num_beams) != 1 or do_sample or decoding:
+            raise ValueError(f"TinyVLM decodes greedily only; got num_beams={num_beams}, do_sample={do_sample}, "
+                             f"{sorted(decoding)}")
         if x.shape[0] != len(prompts):
             raise ValueError(f"{x.shape[0]} images but {len(prompts)} prompts")
         feats = self.vision_features(x)
