@@ -14,14 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from evaluators import bootstrap  # noqa: E402
-from evaluators.collect import collect  # noqa: E402
-from evaluators.errors import cli  # noqa: E402
-from evaluators.run_folder import read_json  # noqa: E402
+from evaluators import bootstrap
+from evaluators.collect import collect
+from evaluators.errors import cli
+from evaluators.run_folder import read_json
 
 REFERENCE = Path(__file__).with_name("reference_numbers.json")
 

@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-from evaluators import bootstrap, results  # noqa: E402
-from evaluators.collect import DEFENSE_LABEL, DEFENSE_ORDER, TASK_LABEL, CollectError, Entry, collect  # noqa: E402
-from evaluators.errors import cli  # noqa: E402
+from evaluators import bootstrap, results
+from evaluators.collect import DEFENSE_LABEL, DEFENSE_ORDER, TASK_LABEL, CollectError, Entry, collect
+from evaluators.errors import cli
 
 
 def save(fig: plt.Figure, out: Path) -> list[Path]:

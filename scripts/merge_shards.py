@@ -10,14 +10,11 @@ re-scoring code as scripts/rescore.py, with CIDEr's idf from the whole manifest.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from evaluators.errors import cli  # noqa: E402
-from evaluators.runner import print_table  # noqa: E402
-from evaluators.sharding import find_shard_dirs, merge_shards  # noqa: E402
+from evaluators.errors import cli
+from evaluators.runner import print_table
+from evaluators.sharding import find_shard_dirs, merge_shards
 
 
 def main() -> None:

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from evaluators import bootstrap  # noqa: E402
-from evaluators.collect import DEFENSE_LABEL, DEFENSE_ORDER, TASK_LABEL, CollectError, Entry, collect  # noqa: E402
-from evaluators.errors import cli  # noqa: E402
+from evaluators import bootstrap
+from evaluators.collect import DEFENSE_LABEL, DEFENSE_ORDER, TASK_LABEL, CollectError, Entry, collect
+from evaluators.errors import cli
 
 MISSING = "missing"
 

@@ -72,7 +72,6 @@ def entry(defense: str, strength: str, values, dataset: str = "shapes", tau=None
 
 
 def test_missing_cells_are_marked_missing_never_zero():
-    sys.path.insert(0, str(ROOT / "scripts"))
     import tables
 
     entries = [entry("none", "clean", [1, 0, 1, 1]), entry("none", "4/255", [0, 0, 1, 0]),

@@ -3,12 +3,7 @@ published checkpoints' (llava-hf/llava-1.5-7b-hf: 7,063,427,072; openai/clip-vit
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-import model_sizes  # noqa: E402
+import model_sizes
 
 
 def test_parameter_counts_and_memory_estimates():
