@@ -33,7 +33,13 @@ PATH_SUFFIXES = ("_file", "_dir", "_root", "_path")
 
 @contextlib.contextmanager
 def locked(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``run_dir`` (released when the process ends, even by SIGKILL)."""
+    """Hold an exclusive lock on ``run_dir`` (released when the process ends, even by SIGKILL).
+
+    A folder this call created is removed again when nothing but the lock was written into it (a start that
+    failed its checks leaves nothing behind)."""
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    if not created and not any(run_dir.iterdir()):
+        created = [run_dir]  # an empty folder (Hydra makes it before the job starts) counts as new
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     try:
@@ -55,6 +61,19 @@ def locked(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+        _remove_if_untouched(created, path)
+
+
+def _remove_if_untouched(created: list[Path], lock: Path) -> None:
+    """Undo ``mkdir`` for folders that hold nothing but the lock file."""
+    if not created or [p.name for p in created[0].iterdir()] != [lock.name]:
+        return
+    lock.unlink(missing_ok=True)
+    for d in created:  # innermost first
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def read_json(path: Path, what: str) -> Any:
