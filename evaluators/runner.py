@@ -26,7 +26,7 @@ from evaluators.errors import ConfigError, DataError, HarnessError
 from evaluators.fingerprints import annotation_paths, checkpoint_paths, fingerprint_run
 from evaluators.images import load_images
 from evaluators.run_folder import RUN_CONFIG, without_places  # noqa: F401 (scripts read RUN_CONFIG here)
-from evaluators.seeding import derive_seed, generators
+from evaluators.seeding import derive_seed, generators, select_subset
 from evaluators.sharding import shard_slice
 from evaluators.summary import summarise, write_summary
 from evaluators.tasks.base import Task
@@ -311,3 +311,22 @@ def instantiate_tracker(cfg: DictConfig) -> Any:
     except Exception as e:  # wandb raises its own types for a bad key, no network, a timeout
         raise HarnessError(f"wandb could not start ({' '.join(str(e).split())[:160]}); use WANDB_MODE=offline "
                            "or logger=none") from e
+
+
+def clean_and_adversarial(h: Harness, task_name: str) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    """The evaluated subset of ``task_name`` (``n_samples``, ``seed.subset``), its clean pixels and its ``attack``
+    images (through the cache): what the calibration and benchmark scripts measure on."""
+    task = h.tasks[task_name]
+    ids = select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
+    task.prepare(ids)
+    h.subsets[task_name] = ids
+    samples = [task.source.get(i) for i in ids]
+    images, errors = load_images([s["image_path"] for s in samples])
+    if any(errors):
+        raise DataError(f"{sum(e is not None for e in errors)} of {len(errors)} images cannot be read (e.g. "
+                        f"{next(e for e in errors if e)}); fix the data")
+    x = h.vlm.to_pixels(images).to(torch.device(h.cfg.device))
+    bs = int(h.cfg.batch_size)
+    x_adv = torch.cat([adversarial_images(h, task_name, task, samples[i : i + bs], x[i : i + bs])[0]
+                       for i in range(0, len(samples), bs)])
+    return samples, x, x_adv

@@ -22,30 +22,11 @@ import numpy as np
 import torch
 
 from evaluators.config import PROJECT_ROOT, compose_config, validate
-from evaluators.errors import DataError, cli
-from evaluators.images import load_images
-from evaluators.runner import Harness, adversarial_images, build, build_defense
-from evaluators.seeding import derive_seed, generators, select_subset
+from evaluators.errors import cli
+from evaluators.runner import build, build_defense, clean_and_adversarial
+from evaluators.seeding import derive_seed, generators
 
 log = logging.getLogger("benchmark_purifiers")
-
-
-def clean_and_adversarial(h: Harness, task_name: str) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
-    """The evaluated subset of ``task_name`` (``n_samples``, ``seed.subset``) and its ``attack`` images."""
-    task = h.tasks[task_name]
-    ids = select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
-    task.prepare(ids)
-    h.subsets[task_name] = ids
-    samples = [task.source.get(i) for i in ids]
-    images, errors = load_images([s["image_path"] for s in samples])
-    if any(errors):
-        raise DataError(f"{sum(e is not None for e in errors)} of {len(errors)} images cannot be read (e.g. "
-                        f"{next(e for e in errors if e)}); fix the data")
-    x = h.vlm.to_pixels(images).to(torch.device(h.cfg.device))
-    bs = int(h.cfg.batch_size)
-    x_adv = torch.cat([adversarial_images(h, task_name, task, samples[i : i + bs], x[i : i + bs])[0]
-                       for i in range(0, len(samples), bs)])
-    return samples, x, x_adv
 
 
 def timed_purify(purifier, x: torch.Tensor, seeds: list[int], batch: int) -> dict:

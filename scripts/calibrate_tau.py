@@ -30,30 +30,11 @@ import torch  # noqa: E402
 
 from diffcap.purifiers import DiffCAP  # noqa: E402
 from evaluators.config import PROJECT_ROOT, compose_config, validate  # noqa: E402
-from evaluators.errors import ConfigError, DataError, cli  # noqa: E402
-from evaluators.images import load_images  # noqa: E402
-from evaluators.runner import Harness, adversarial_images, build  # noqa: E402
-from evaluators.seeding import derive_seed, generators, select_subset  # noqa: E402
+from evaluators.errors import ConfigError, cli  # noqa: E402
+from evaluators.runner import build, clean_and_adversarial  # noqa: E402
+from evaluators.seeding import derive_seed, generators  # noqa: E402
 
 log = logging.getLogger("calibrate_tau")
-
-
-def clean_and_adversarial(h: Harness, task_name: str) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
-    """The evaluated subset of ``task_name`` (``n_samples``, ``seed.subset``) and its ``attack`` images."""
-    task = h.tasks[task_name]
-    ids = select_subset(task.source.ids, int(h.cfg.n_samples), int(h.cfg.seed.subset))
-    task.prepare(ids)
-    h.subsets[task_name] = ids
-    samples = [task.source.get(i) for i in ids]
-    images, errors = load_images([s["image_path"] for s in samples])
-    if any(errors):
-        raise DataError(f"{sum(e is not None for e in errors)} of {len(errors)} images cannot be read (e.g. "
-                        f"{next(e for e in errors if e)}); fix the data")
-    x = h.vlm.to_pixels(images).to(torch.device(h.cfg.device))
-    bs = int(h.cfg.batch_size)
-    x_adv = torch.cat([adversarial_images(h, task_name, task, samples[i : i + bs], x[i : i + bs])[0]
-                       for i in range(0, len(samples), bs)])
-    return samples, x, x_adv
 
 
 def first_pass(sims: np.ndarray, tau: float) -> np.ndarray:
