@@ -35,6 +35,8 @@ from tiny_vlm_data import load_split, merge_splits, to_pixels
 from evaluators.config import PROJECT_ROOT
 from evaluators.datasets.shapes import CLASSNAMES, generate_shapes  # noqa: E402
 from evaluators.errors import ConfigError, cli  # noqa: E402
+from evaluators.vlms.base import Turn
+from evaluators.vlms.openflamingo import format_turns
 
 log = logging.getLogger("train_tiny_vlms")
 
@@ -162,11 +164,16 @@ def train_llava(train: dict[str, Any], bpe, steps: int, batch: int, lr: float, s
 # ------------------------------------------------------------------------------------------ OpenFlamingo
 
 
-def of_text(kind: str, question: str, target: str | None, image: bool = True) -> str:
-    """OpenFlamingo's evaluation formats: "<image>Output:{caption}<|endofchunk|>" and
-    "<image>Question:{q} Short answer:{a}<|endofchunk|>" (no target: the prompt to complete)."""
-    head = ("<image>" if image else "") + ("Output:" if kind == "caption" else f"Question:{question} Short answer:")
-    return head if target is None else head + target + "<|endofchunk|>"
+def of_user(kind: str, question: str) -> str:
+    """The task's OpenFlamingo user text (configs/prompts): "Output:" or "Question:{q} Short answer:"."""
+    return "Output:" if kind == "caption" else f"Question:{question} Short answer:"
+
+
+def of_prompt(kind: str, question: str, demos: list[tuple[str, str]]) -> str:
+    """The prompt the harness sends: text-only demonstrations ``(question, answer)``, then the image turn, framed
+    by the adapter's own ``format_turns`` (so training and evaluation prompts are the same strings)."""
+    turns = [Turn(user=of_user(kind, q), assistant=a, image=False) for q, a in demos]
+    return format_turns([*turns, Turn(user=of_user(kind, question))])
 
 
 def of_loss(model, tok, x: torch.Tensor, prompts: list[str], targets: list[str]) -> torch.Tensor:
@@ -210,12 +217,12 @@ def train_openflamingo(train: dict[str, Any], bpe, folder: Path, steps: int, bat
         items = sample_items(train, rng, batch)
         prompts = []
         for _, kind, q, _ in items:  # 0-2 text-only demonstrations of the same task, as the evaluation uses
-            demos = ""
+            demos = []
             for _ in range(int(rng.integers(3))):
                 j = int(rng.integers(len(train["captions"]))) if kind == "caption" else int(rng.integers(len(train["vqa"])))
-                d = train["captions"][j][0] if kind == "caption" else train["vqa"][j]["answer"]
-                demos += of_text(kind, "" if kind == "caption" else train["vqa"][j]["question"], d, image=False)
-            prompts.append(demos + of_text(kind, q, None))
+                demos.append(("", train["captions"][j][0]) if kind == "caption" else
+                             (train["vqa"][j]["question"], train["vqa"][j]["answer"]))
+            prompts.append(of_prompt(kind, q, demos))
         return of_loss(model, tok, pix[[r for r, *_ in items]], prompts, [t for *_, t in items])
 
     ids = {id(g) for g in gates}

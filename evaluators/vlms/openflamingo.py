@@ -37,6 +37,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 EMBED_OUTPUTS = ("pooled", "tokens")
 
 
+def format_turns(turns: Sequence[Turn]) -> str:
+    """OpenFlamingo's prompt: per turn ``<image>`` (if the turn has one) + user text, and for answered turns the
+    answer + ``<|endofchunk|>`` and a newline, as open_flamingo's evaluation joins its demonstrations (also what
+    the tiny OpenFlamingo is trained on)."""
+    parts = []
+    for turn in turns:
+        text = (MEDIA if turn.image else "") + turn.user
+        if turn.assistant is not None:
+            text += turn.assistant + END_OF_CHUNK + "\n"
+        parts.append(text)
+    return "".join(parts)
+
+
 class _PixelGradFlamingo(Flamingo):
     """open_flamingo's Flamingo with a vision path that keeps the autograd graph (the package runs the
     vision encoder under ``torch.no_grad()``, which would stop every attack gradient there)."""
@@ -260,15 +273,7 @@ class OpenFlamingoVLM(VLM):
         return F.normalize(pooled.to(torch.promote_types(pooled.dtype, torch.float32)), dim=-1)
 
     def format_prompt(self, turns: Sequence[Turn]) -> str:
-        """``<image>`` (if the turn has one) + user text, and for answered turns the answer +
-        ``<|endofchunk|>`` and a newline, as open_flamingo's evaluation joins its demonstrations."""
-        parts = []
-        for turn in turns:
-            text = (MEDIA if turn.image else "") + turn.user
-            if turn.assistant is not None:
-                text += turn.assistant + END_OF_CHUNK + "\n"
-            parts.append(text)
-        return "".join(parts)
+        return format_turns(turns)
 
     def _tokenize(self, texts: Sequence[str], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         self.tokenizer.padding_side = side
