@@ -97,3 +97,26 @@ def test_joblib_sweep_records_a_failing_job_and_completes_the_others(tmp_path):
     blob = runs[0].read_bytes()
     assert str(sweep).encode() in blob
     assert b"classification/stopping_time/adv_defended" in blob and b"classification/top1/clean" in blob
+
+
+@pytest.mark.parametrize("dataset", ["shapes", "coco", "flickr30k", "vqav2", "textvqa", "caltech101", "imagenet"])
+def test_every_dataset_gives_diffcap_a_fixed_clip_encoder(dataset):
+    """defense.encoder=clip works on every data set: the shapes world's tiny CLIP, CLIP ViT-B/32 elsewhere."""
+    from evaluators.config import compose_config, validate
+
+    vlm = "vlm=clip" if dataset in ("caltech101", "imagenet") else "vlm=llava"
+    cfg = compose_config([f"dataset={dataset}", vlm, "defense=diffcap", "defense.encoder=clip"])
+    validate(cfg)
+    enc = cfg.dataset.fixed_encoder
+    assert enc._target_ == "evaluators.vlms.clip.CLIPVLM.load"
+    if dataset == "shapes":
+        from hydra.utils import instantiate
+
+        assert enc.path.endswith("checkpoints/tiny_clip_hf") and enc.resolution == 56
+        encoder = instantiate(enc)
+        import torch
+
+        z = encoder.embed(torch.rand(2, 3, 56, 56))
+        torch.testing.assert_close(z.norm(dim=-1), torch.ones(2))
+    else:
+        assert enc.resolution == 224 and "clip-vit-base-patch32" in str(enc.path)
