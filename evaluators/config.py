@@ -29,9 +29,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("project_root", lambda: os.environ.get("DIFFCAP_ROOT", str(PROJECT_ROOT)))
 
 
-def compose_config(overrides: Sequence[str], output_dir: str | Path | None = None, check: bool = True) -> DictConfig:
+def compose_config(overrides: Sequence[str], output_dir: str | Path | None = None, check: bool = True,
+                   model: bool = True) -> DictConfig:
     """The run config for ``overrides`` outside ``python run.py`` (scripts, notebooks), with ``paths.output_dir``
-    set since Hydra's runtime is absent. A bad override or value is a ``ConfigError``."""
+    set since Hydra's runtime is absent. A bad override or value is a ``ConfigError``. ``model=False``: for
+    scripts that load no model (data preparation), the VLM's tasks are not matched against the data set's."""
     from hydra import compose, initialize_config_dir
 
     register_resolvers()
@@ -45,7 +47,7 @@ def compose_config(overrides: Sequence[str], output_dir: str | Path | None = Non
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir or PROJECT_ROOT / "results" / "scratch")
     if check:
-        validate(cfg)
+        validate(cfg, model=model)
     return cfg
 
 
@@ -248,8 +250,9 @@ def check_combinations(cfg: DictConfig) -> None:
 CHECKERS: tuple[Callable[[DictConfig], None], ...] = (check_values, check_combinations, check_logger)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Every check that must fail before any work starts, each with a one-line message naming the key."""
+def validate(cfg: DictConfig, model: bool = True) -> None:
+    """Every check that must fail before any work starts, each with a one-line message naming the key
+    (``model=False``: the data set's tasks are not matched against the VLM's, for scripts that load no model)."""
     for group in ("vlm", "dataset", "attack", "defense"):
         if cfg.get(group) is None:
             raise ConfigError(f"{group} is not set; choose one with {group}=NAME")
@@ -264,7 +267,7 @@ def validate(cfg: DictConfig) -> None:
     for checker in CHECKERS:
         checker(cfg)
     check_device(cfg.get("device", "cpu"))
-    select_tasks(cfg, vlm_tasks(cfg))
+    select_tasks(cfg, vlm_tasks(cfg) if model else None)
     from evaluators.sharding import check as check_shards
 
     check_shards(cfg)

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in args.datasets:
         try:
-            cfg = compose_config([f"dataset={name}", *overrides])
+            cfg = compose_config([f"dataset={name}", *overrides], model=False)
             OmegaConf.resolve(cfg.dataset)
             lines = prepare(cfg)
         except Exception as e:  # a malformed file or a bad override: one line, then the next data set

@@ -189,24 +189,32 @@ def of_loss(model, tok, x: torch.Tensor, prompts: list[str], targets: list[str])
 
 def train_openflamingo(train: dict[str, Any], bpe, folder: Path, steps: int, batch: int, lr: float, seed: int,
                        vision_init: Path | None = None, gate_init: float = 0.0, gate_lr_mult: float = 1.0,
-                       snapshot: Callable[[int, Any, Any], None] | None = None, latent_std: float = 1.0):
+                       snapshot: Callable[[int, Any, Any], None] | None = None, latent_std: float = 1.0,
+                       start_from: Path | None = None):
     """From ``vision_init`` the tower starts as the tiny CLIP's. ``gate_init`` sets the tanh gates of the
     cross-attention layers: the package starts them at 0 so that a pretrained, frozen LM is unchanged at the
     start; here the LM is untrained, so that reason does not apply, and gates at 0 stay near 0 (the image is
     ignored) in a CPU-sized run. ``gate_lr_mult`` scales their learning rate. ``latent_std``: the perceiver's
     learned latents start as N(0, latent_std^2) (package: 1); with 1 its output hardly depends on the image at
-    the start (7 % of its variance is across images), with 0.02 a quarter of it is."""
+    the start (7 % of its variance is across images), with 0.02 a quarter of it is. ``start_from``: a saved
+    tiny OpenFlamingo folder to continue training (a second stage; the initialisation options are ignored)."""
+    import shutil
+
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{B.OF_VISION_NAME}.json").write_text(json.dumps(B.of_vision_config(), indent=2))
-    B.save_lm(bpe, folder / "lm")
+    if start_from is not None:
+        shutil.copytree(start_from, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("SHA256SUMS"))
+    else:
+        (folder / f"{B.OF_VISION_NAME}.json").write_text(json.dumps(B.of_vision_config(), indent=2))
+        B.save_lm(bpe, folder / "lm")
     model, tok = B.load_openflamingo(folder)
-    if vision_init is not None:
-        I.init_openflamingo_tower(model, vision_init)
     gates = [p for n, p in model.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
-    with torch.no_grad():
-        for g in gates:
-            g.fill_(gate_init)
-        model.perceiver.latents.normal_(0.0, latent_std)
+    if start_from is None:
+        if vision_init is not None:
+            I.init_openflamingo_tower(model, vision_init)
+        with torch.no_grad():
+            for g in gates:
+                g.fill_(gate_init)
+            model.perceiver.latents.normal_(0.0, latent_std)
     tok.padding_side = "right"
     model.requires_grad_(True)
     pix = to_pixels(train["images"], B.OF_RES)
@@ -336,6 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ap.add_argument("--gate-init", type=float, default=1.0, help="OpenFlamingo cross-attention gates' start (package: 0)")
     ap.add_argument("--gate-lr-mult", type=float, default=1.0, help="OpenFlamingo gates' learning-rate multiplier")
     ap.add_argument("--latent-std", type=float, default=1.0, help="OpenFlamingo perceiver latents' initial std (package: 1)")
+    ap.add_argument("--of-start-from", default=None,
+                    help="a saved tiny_openflamingo folder to continue training from (a second stage, e.g. at a lower lr)")
     ap.add_argument("--snapshot-steps", default="", help="comma-separated steps at which LLaVA and OpenFlamingo are "
                     "also saved, under <out>/snapshots/ (learning curves); the final models are unchanged")
     ap.add_argument("--seed", type=int, default=0)
@@ -385,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_openflamingo(train, bpe, out / "tiny_openflamingo", args.of_steps, args.of_batch, args.lr, args.seed,
                            init, args.gate_init, args.gate_lr_mult,
                            snapshotter(out, "openflamingo", snaps, out / "tiny_openflamingo") if snaps else None,
-                           args.latent_std)
+                           args.latent_std, Path(args.of_start_from) if args.of_start_from else None)
         write_manifest(out / "tiny_openflamingo")
         seconds["openflamingo"] = time.perf_counter() - t0
     record = {"command": "python scripts/train_tiny_vlms.py " + shlex.join(sys.argv[1:] if argv is None else argv),
