@@ -1,4 +1,9 @@
-"""Entry point: ``python run.py vlm=tiny dataset=shapes attack=apgd defense=diffcap`` (see README.md).
+"""Entry point: ``python run.py vlm=tiny_llava dataset=shapes attack=apgd defense=diffcap`` (see README.md).
+
+With no arguments it runs the embedded default, ``python run.py -m vlm=tiny_llava,tiny_clip``: one run has one
+VLM, and captioning and VQA need a generative model while zero-shot classification needs a text tower, so the
+tiny LLaVA (captioning, VQA) and the tiny CLIP (zero-shot) run one after the other, then their rows are printed
+side by side.
 
 Bad input of any kind ends the process with one line ``error: ...`` naming what to fix and exit status 2: the
 overrides are composed and validated once before Hydra starts (so a typo creates no run folder), and the run's own
@@ -16,6 +21,9 @@ from evaluators.config import compose_config, register_resolvers
 from evaluators.errors import report
 
 register_resolvers()
+
+#: What ``python run.py`` with no arguments runs (the README's first command).
+DEFAULT_ARGS = ["-m", "vlm=tiny_llava,tiny_clip"]
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="run")
@@ -41,5 +49,7 @@ def precheck(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 1:
+        sys.argv += DEFAULT_ARGS
     precheck(sys.argv[1:])
     main()

@@ -80,6 +80,16 @@ def published_hashes(folder: Path) -> dict[str, str]:
     return out
 
 
+def published_for(folder: Path, levels: int = 2) -> tuple[dict[str, str], Path | None]:
+    """The nearest ``SHA256SUMS`` at or above ``folder`` (up to ``levels`` parents: a checkpoint such as
+    OpenFlamingo's publishes one list for its subfolders, e.g. ``lm/model.safetensors``), as ({name relative to the
+    list's folder: sha256}, the list's path); ({}, None) when there is none."""
+    for d in [folder, *folder.parents][: levels + 1]:
+        if (d / PUBLISHED).is_file():
+            return published_hashes(d), d / PUBLISHED
+    return {}, None
+
+
 def checkpoint_fingerprint(path: str | Path, cache_dir: str | Path | None = None) -> dict[str, str]:
     """{file name: sha256} of a checkpoint file or of every file of a checkpoint folder, verified against the
     folder's published hashes. A path that does not exist (a hub id, or a missing file the loader will report)
@@ -92,13 +102,13 @@ def checkpoint_fingerprint(path: str | Path, cache_dir: str | Path | None = None
                                and f.name not in NOT_WEIGHTS), p
     else:
         return {"ref": str(path)}
-    published = published_hashes(folder)
+    published, listing = published_for(folder)
     out = {}
     for f in files:
         digest = sha256_file(f, cache_dir)
-        want = published.get(f.name)
+        want = published.get(f.relative_to(listing.parent).as_posix()) if listing is not None else None
         if want is not None and want != digest:
-            raise IntegrityError(f"{f} does not match its published sha256 in {folder / PUBLISHED} (expected "
+            raise IntegrityError(f"{f} does not match its published sha256 in {listing} (expected "
                                  f"{want[:12]}..., got {digest[:12]}...); the file is damaged or was replaced: "
                                  "restore it (git checkout, or download it again)")
         out[f.name] = digest

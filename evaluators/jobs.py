@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -57,11 +58,29 @@ def guarded(fn: Callable[[], Any], output_dir: str | Path) -> Any:
 
 
 class SweepReport(Callback):
-    """At the end of a multirun: one line per failed job, and exit status 1 if any failed."""
+    """At the end of a multirun: the jobs' table rows side by side, one line per failed job, and exit status 1
+    if any failed."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from evaluators.runner import format_table
+
         root = Path(str(config.hydra.sweep.dir))
-        statuses = {p.parent: json.loads(p.read_text()) for p in sorted(root.rglob(STATUS))}
+        # this sweep's jobs only: the sweep folder may hold earlier sweeps' jobs (every job rewrites its status)
+        since = getattr(self, "started", 0.0) - 1.0
+        files = sorted((p for p in root.rglob(STATUS) if p.stat().st_mtime >= since), key=lambda p: p.stat().st_mtime)
+        statuses = {p.parent: json.loads(p.read_text()) for p in files}  # in the order the jobs ended
+        summaries = {}
+        for d, s in statuses.items():
+            try:
+                if s.get("status") == "ok":
+                    summaries[str(d.relative_to(root))] = json.loads((d / "summary.json").read_text())
+            except (OSError, ValueError):  # a job's damaged summary is its own business; the table skips it
+                continue
+        if len(summaries) > 1:
+            print(f"all jobs of the sweep ({root}):" + format_table(summaries))
         failed = {d: s for d, s in statuses.items() if s.get("status") != "ok"}
         if not failed:
             return

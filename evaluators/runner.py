@@ -289,12 +289,22 @@ def run_info(h: Harness) -> dict:
 
 def print_table(summary: dict) -> None:
     """The run's row of a paper table, on stdout."""
-    lines = [f"\n{'task':<16}{'metric':<10}" + "".join(f"{c:>22}" for c in summary["conditions"])]
-    for task, metrics in summary["metrics"].items():
-        for metric, by_cond in metrics.items():
-            cells = "".join(f"{_fmt(by_cond.get(c)):>22}" for c in summary["conditions"])
-            lines.append(f"{task:<16}{metric:<10}{cells}")
-    print("\n".join(lines) + "\n")
+    print(format_table({"": summary}))
+
+
+def format_table(summaries: dict[str, dict]) -> str:
+    """Rows (run label, task, metric) x the conditions of all runs (in first-seen order); '-' where a run has
+    no such condition. With one unlabelled run this is that run's table row."""
+    conds = list(dict.fromkeys(c for s in summaries.values() for c in s["conditions"]))
+    width = max([len(k) for k in summaries] + [0])
+    label = (lambda k: f"{k:<{width + 2}}") if width else (lambda k: "")
+    lines = ["", label("run") + f"{'task':<16}{'metric':<10}" + "".join(f"{c:>22}" for c in conds)]
+    for key, summary in summaries.items():
+        for task, metrics in summary["metrics"].items():
+            for metric, by_cond in metrics.items():
+                cells = "".join(f"{_fmt(by_cond.get(c)):>22}" for c in conds)
+                lines.append(f"{label(key)}{task:<16}{metric:<10}{cells}")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(v: Any) -> str:

@@ -7,11 +7,11 @@ For ~100 pairs (x, x_adv) it reports
   * the mean consecutive-step similarity curves cos(phi(x_{k+1}), phi(x_k)) of the cumulative forward walk
     from clean and from adversarial images (same noise), and the stopping-time distribution each tau gives.
 
-    python scripts/calibrate_tau.py dataset=shapes vlm=tiny n_samples=100
+    python scripts/calibrate_tau.py dataset=shapes vlm=tiny_llava n_samples=100
 
 Arguments key=value are Hydra overrides of configs/run.yaml. Everything is built by the runner's own
 ``build`` (with ``defense=diffcap``): phi and the walk are DiffCAP's (``DiffCAP.embed`` / ``DiffCAP.walk``),
-the adversarial images the harness' attack and cache. Writes results/calibration/tau_<dataset>_<task>_step<s>.
+the adversarial images the harness' attack and cache. Writes results/calibration/tau_<dataset>_<vlm>_<task>_step<s>.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def main() -> None:
         "mean_curve": {name: s.mean(0).tolist() for name, s in sims.items()},
         "stopping_step_by_tau": stops,
     }
-    out = PROJECT_ROOT / "results" / "calibration" / f"tau_{cfg.dataset.name}_{args.task}_step{args.step}"
+    out = PROJECT_ROOT / "results" / "calibration" / f"tau_{cfg.dataset.name}_{cfg.vlm.name}_{args.task}_step{args.step}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     fig, ax = plt.subplots(figsize=(6.5, 4))

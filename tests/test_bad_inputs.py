@@ -28,7 +28,7 @@ from evaluators.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_WORLD = ["dataset.prepare.n_train=8", "dataset.prepare.n_test=48"]
-GOOD = ["experiment=fast_dev", "tasks=[vqa,classification]", "attack=apgd", "attack.steps=2"]
+GOOD = ["experiment=fast_dev", "tasks=[vqa]", "attack=apgd", "attack.steps=2"]
 
 
 @dataclass
@@ -111,8 +111,8 @@ def edited_annotations(c: Ctx) -> list[str]:
 
 
 def _copy_checkpoint(c: Ctx, published: bool) -> Path:
-    dst = c.tmp / "tiny_vlm"
-    shutil.copytree(ROOT / "checkpoints" / "tiny_vlm", dst)
+    dst = c.tmp / "tiny_llava"
+    shutil.copytree(ROOT / "checkpoints" / "tiny_llava", dst)
     if not published:
         (dst / "SHA256SUMS").unlink()
     return dst
@@ -128,19 +128,19 @@ def _flip_bytes(path: Path, n: int = 200) -> None:
 def flipped_published_weights(c: Ctx) -> list[str]:
     ckpt = _copy_checkpoint(c, published=True)
     _flip_bytes(ckpt / "model.safetensors")
-    return [f"vlm.model.path={ckpt}"]
+    return [f"vlm.path={ckpt}"]
 
 
 def changed_weights_on_resume(c: Ctx) -> list[str]:
     ckpt = _copy_checkpoint(c, published=False)
     _flip_bytes(ckpt / "model.safetensors")
-    return [f"vlm.model.path={ckpt}"]
+    return [f"vlm.path={ckpt}"]
 
 
 def bad_sha256sums(c: Ctx) -> list[str]:
     ckpt = _copy_checkpoint(c, published=True)
     (ckpt / "SHA256SUMS").write_text("not-a-hash model.safetensors\n")
-    return [f"vlm.model.path={ckpt}"]
+    return [f"vlm.path={ckpt}"]
 
 
 def corrupt_run_config(c: Ctx) -> list[str]:
@@ -179,10 +179,10 @@ def held_lock(c: Ctx) -> list[str]:
 
 def all_images_missing(c: Ctx) -> list[str]:
     world = _copy_world(c)
-    for png in (world / "shapes" / "classes" / "test").rglob("*.png"):
+    for png in (world / "shapes" / "images").glob("*.png"):
         png.write_bytes(b"")
     c.out, c.builds = c.tmp / "fresh", True
-    return [f"paths.data_dir={world}", "tasks=[classification]"]
+    return [f"paths.data_dir={world}", "tasks=[vqa]"]
 
 
 def broken_java(c: Ctx) -> list[str]:
@@ -284,9 +284,9 @@ CASES: list[tuple[str, list[str], Callable[[Ctx], list[str]] | None, str]] = [
     ("published_checkpoint_damaged", [], flipped_published_weights, "does not match its published sha256"),
     ("published_hashes_damaged", [], bad_sha256sums, "is not a sha256sum line"),
     ("run_folder_busy", [], held_lock, "another process is running in"),
-    ("missing_checkpoint", ["vlm.model.path=/nonexistent/tiny_vlm"], None, "/nonexistent/tiny_vlm"),
+    ("missing_checkpoint", ["vlm.path=/nonexistent/tiny_llava"], None, "vlm.path=/nonexistent/tiny_llava"),
     ("missing_data_folder", [], other_dataset, "dataset_coco.json"),
-    ("no_usable_sample", [], all_images_missing, "task classification: none of its 8 samples could be used"),
+    ("no_usable_sample", [], all_images_missing, "task vqa: none of its 8 samples could be used"),
     ("java_broken", [], broken_java, "does not run (exit status 1)"),
     ("java_missing", [], no_java, "Java not found"),
 ]
@@ -372,7 +372,7 @@ def _no_run_config(c: Ctx) -> list[str]:
 
 
 def _rescore_corrupt_manifest(c: Ctx) -> list[str]:
-    (c.run / "manifest_classification.json").write_text("[")
+    (c.run / "manifest_vqa.json").write_text("[")
     return [str(c.run)]
 
 
@@ -399,7 +399,7 @@ SCRIPT_CASES = [
     ("rescore_garbage_line", "rescore", _garbage_samples, "lacks 1 of its 8 samples"),
     ("rescore_duplicate_record", "rescore", _duplicated_samples, "has duplicate records"),
     ("rescore_without_run_config", "rescore", _no_run_config, "no run_config.json in"),
-    ("rescore_corrupt_manifest", "rescore", _rescore_corrupt_manifest, "manifest_classification.json"),
+    ("rescore_corrupt_manifest", "rescore", _rescore_corrupt_manifest, "manifest_vqa.json"),
     ("rescore_not_a_run_folder", "rescore", _not_a_run, "no samples.jsonl in"),
     ("figures_missing_root", "figures", _plot_missing_root, "is not a folder"),
     ("figures_without_diffcap_runs", "figures", _plot_no_diffcap_runs, "no DiffCAP runs"),

@@ -41,7 +41,7 @@ def test_every_paper_experiment_has_an_embedded_twin_with_the_same_grid(name):
     assert paper.tasks == embedded.tasks
     real = {paper.vlm.name} | set(pp.get("vlm", "").split(",")) - {""}
     assert real <= {"llava", "openflamingo", "clip"}
-    assert embedded.vlm.name == "tiny" and embedded.dataset.name == "shapes" and embedded.device == "cpu"
+    assert embedded.vlm.name in ("tiny_llava", "tiny_clip") and embedded.dataset.name == "shapes" and embedded.device == "cpu"
     assert str(paper.hydra.sweep.dir).endswith(f"paper/{name}")
     assert str(embedded.hydra.sweep.dir).endswith(f"embedded/{name}")
 
@@ -80,7 +80,7 @@ def test_joblib_sweep_records_a_failing_job_and_completes_the_others(tmp_path):
     env = env_for(tmp_path / "data", tmp_path / "cache", WANDB_MODE="offline")
     proc = run_py(["-m", "experiment=embedded/tau_ablation", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                    "n_samples=2", "batch_size=2", "attack.eps=4", "attack.steps=2", "defense.tau=0.9,1.5",
-                   "tasks=[classification]", "logger=wandb", f"hydra.sweep.dir={sweep}"], env)
+                   "vlm=tiny_clip", "tasks=[classification]", "logger=wandb", f"hydra.sweep.dir={sweep}"], env)
     assert proc.returncode == 1, proc.stderr[-3000:]
     statuses = {str(p.parent.relative_to(sweep)): json.loads(p.read_text()) for p in sweep.rglob("job_status.json")}
     assert len(statuses) == 2

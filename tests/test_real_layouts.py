@@ -35,7 +35,7 @@ from tests.real_layouts import (
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the embedded models used per task kind (the only place the test names a vlm config)
-VLM_FOR = {"generative": "tiny", "zero_shot": "tiny_clip"}
+VLM_FOR = {"generative": "tiny_llava", "zero_shot": "tiny_clip"}
 CAPTION_VQA_SETS = ("coco", "flickr30k", "vqav2", "textvqa")
 CLASSIFICATION_SETS = ("caltech101", "imagenet")
 

@@ -18,7 +18,7 @@ from tests.test_runner import env_for, run_py
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["-m", "experiment=embedded/tau_ablation", "n_samples=4", "batch_size=4", "defense.tau=0.9,0.96",
-         "attack.eps=4", "attack.steps=2", "tasks=[classification]"]
+         "attack.eps=4", "attack.steps=2", "vlm=tiny_clip", "tasks=[classification]"]
 
 
 @pytest.fixture(scope="module")

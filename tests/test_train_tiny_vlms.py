@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import tiny_vlm_builders as B  # scripts/ is on pytest's pythonpath (pyproject.toml)
+import tiny_vlm_data as D
 import torch
 import train_tiny_vlms as T
 
@@ -20,7 +21,7 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("shapes")
     generate_shapes(root, n_train=12, n_test=2, seed=0)
-    train = T.load_split(root, "train")
+    train = D.load_split(root, "train")
     texts = T.corpus(train)
     return train, texts, B.train_bpe(texts, 300), tmp_path_factory.mktemp("ckpt")
 
@@ -125,7 +126,7 @@ def test_open_clip_tower_from_hf_clip_is_the_same_function(random_clip):
     cfg["vision_cfg"]["patch_size"] = 8  # the tiny CLIP's own geometry: the renaming alone must be exact
     visual = open_clip.model.CLIP(**cfg).visual.eval()
     visual.load_state_dict(I.hf_to_open_clip_visual(I.clip_vision_state(folder), 4))
-    x = B.normalize(T.to_pixels(train["images"][:3], B.CLIP_RES))
+    x = B.normalize(D.to_pixels(train["images"][:3], B.CLIP_RES))
     with torch.no_grad():
         torch.testing.assert_close(visual(x), clip.get_image_features(pixel_values=x), atol=1e-5, rtol=1e-4)
 
@@ -134,7 +135,7 @@ def test_llava_and_openflamingo_towers_start_from_the_clip(world, random_clip, t
     clip, folder, train = random_clip
     _, _, bpe, _ = world
     llava, _ = T.train_llava(train, bpe, steps=1, batch=2, lr=0.0, seed=0, vision_init=folder, freeze_vision_steps=1)
-    x56, x84 = (B.normalize(T.to_pixels(train["images"][:3], r)) for r in (B.CLIP_RES, B.LLAVA_RES))
+    x56, x84 = (B.normalize(D.to_pixels(train["images"][:3], r)) for r in (B.CLIP_RES, B.LLAVA_RES))
     with torch.no_grad():
         want = clip.vision_model(x56).pooler_output
         got = llava.vision_tower(x84).pooler_output
@@ -144,3 +145,18 @@ def test_llava_and_openflamingo_towers_start_from_the_clip(world, random_clip, t
     gates = [p for n, p in of.named_parameters() if n.endswith(("attn_gate", "ff_gate"))]
     assert gates and all(g.item() == 0.5 for g in gates)
     assert torch.equal(of.vision_encoder.ln_pre.weight, clip.vision_model.pre_layrnorm.weight)
+
+
+def test_snapshots_load_and_leave_the_training_unchanged(world, tmp_path):
+    """A snapshot is the model at that step in the published layout, and taking it changes nothing (the
+    package's saver resets requires_grad, which would silently freeze the tower and the LM)."""
+    train, _, bpe, _ = world
+    torch.manual_seed(0)
+    plain, _ = T.train_openflamingo(train, bpe, tmp_path / "plain", steps=3, batch=2, lr=1e-3, seed=0)
+    torch.manual_seed(0)
+    snap = T.snapshotter(tmp_path, "openflamingo", {1}, tmp_path / "snapped")
+    snapped, _ = T.train_openflamingo(train, bpe, tmp_path / "snapped", steps=3, batch=2, lr=1e-3, seed=0, snapshot=snap)
+    _same_state(plain.state_dict(), snapped.state_dict())
+    _manifest_ok(tmp_path / "snapshots" / "openflamingo_1")
+    at_1, _ = B.load_openflamingo(tmp_path / "snapshots" / "openflamingo_1")
+    assert not torch.equal(at_1.perceiver.latents, snapped.perceiver.latents)  # an earlier state, not the final one

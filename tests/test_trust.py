@@ -25,7 +25,7 @@ from evaluators.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_WORLD = ["dataset.prepare.n_train=8", "dataset.prepare.n_test=48"]
-ATTACK = ["experiment=fast_dev", "tasks=[classification]", "attack=apgd", "attack.steps=2", "n_samples=4",
+ATTACK = ["experiment=fast_dev", "vlm=tiny_clip", "tasks=[classification]", "attack=apgd", "attack.steps=2", "n_samples=4",
           *SMALL_WORLD]
 
 
@@ -43,10 +43,10 @@ def run_in(out: Path, overrides: list[str]) -> dict:
 
 
 def test_changed_weights_at_the_same_path_miss_the_cache(world, tmp_path):
-    ckpt = tmp_path / "tiny_vlm"
-    shutil.copytree(ROOT / "checkpoints" / "tiny_vlm", ckpt)
+    ckpt = tmp_path / "tiny_clip_hf"
+    shutil.copytree(ROOT / "checkpoints" / "tiny_clip_hf", ckpt)
     (ckpt / "SHA256SUMS").unlink()  # retrained weights publish no hash
-    common = [*ATTACK, f"paths.data_dir={world}", f"paths.cache_dir={tmp_path / 'cache'}", f"vlm.model.path={ckpt}"]
+    common = [*ATTACK, f"paths.data_dir={world}", f"paths.cache_dir={tmp_path / 'cache'}", f"vlm.path={ckpt}"]
     first = run_in(tmp_path / "a", common)
     again = run_in(tmp_path / "b", common)
     assert first["attack"]["classification"]["cache_misses"] == 4
@@ -89,7 +89,7 @@ def test_moved_data_folder_resumes_and_changed_annotations_do_not(world, tmp_pat
 def test_failed_samples_are_retried_on_resume(world, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(world, data)
-    args = ["experiment=fast_dev", "tasks=[classification]", *SMALL_WORLD, f"paths.data_dir={data}",
+    args = ["experiment=fast_dev", "vlm=tiny_clip", "tasks=[classification]", *SMALL_WORLD, f"paths.data_dir={data}",
             f"paths.cache_dir={tmp_path / 'cache'}"]
     probe = run_in(tmp_path / "probe", args)
     manifest = json.loads((tmp_path / "probe" / "manifest_classification.json").read_text())
@@ -106,7 +106,7 @@ def test_failed_samples_are_retried_on_resume(world, tmp_path):
 
 
 def test_damaged_lines_in_samples_are_recomputed_on_resume(world, tmp_path):
-    args = ["experiment=fast_dev", "tasks=[classification]", *SMALL_WORLD, f"paths.data_dir={world}",
+    args = ["experiment=fast_dev", "vlm=tiny_clip", "tasks=[classification]", *SMALL_WORLD, f"paths.data_dir={world}",
             f"paths.cache_dir={tmp_path / 'cache'}"]
     want = run_in(tmp_path / "run", args)
     samples = tmp_path / "run" / "samples.jsonl"
@@ -214,7 +214,7 @@ def test_run_py_refusals_are_one_line_and_touch_nothing(world, tmp_path):
     assert "n_samples" in _one_line(bad)
     assert not out.exists()  # refused before Hydra made the folder
 
-    args = ["experiment=fast_dev", "tasks=[classification]", f"hydra.run.dir={out}"]
+    args = ["experiment=fast_dev", "vlm=tiny_clip", "tasks=[classification]", f"hydra.run.dir={out}"]
     assert _run_py(args, world, tmp_path / "cache").returncode == 0
     assert (out / ".hydra" / "config.yaml").exists()
     before = _tree(out)
@@ -233,13 +233,30 @@ def test_run_py_refusals_are_one_line_and_touch_nothing(world, tmp_path):
 
 
 def test_published_hashes_of_the_committed_checkpoints_match():
-    from evaluators.fingerprints import checkpoint_fingerprint, published_hashes
+    from evaluators.fingerprints import NOT_WEIGHTS, checkpoint_fingerprint, published_hashes
 
-    for name in ("tiny_vlm", "tiny_clip", "shapes_denoiser"):
+    for name in ("tiny_llava", "tiny_clip_hf", "tiny_openflamingo", "shapes_denoiser"):
         folder = ROOT / "checkpoints" / name
         published = published_hashes(folder)
-        assert "model.safetensors" in published
-        assert checkpoint_fingerprint(folder) == {k: v for k, v in published.items()}
+        listed = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name not in NOT_WEIGHTS}
+        assert set(published) == listed  # every file is published
+        assert {"model.safetensors", "checkpoint.pt"} & set(published)
+        fingerprinted = checkpoint_fingerprint(folder)
+        for sub in {p.split("/")[0] for p in published if "/" in p}:  # OpenFlamingo's lm/ is checked via the parent list
+            fingerprinted |= {f"{sub}/{k}": v for k, v in checkpoint_fingerprint(folder / sub).items()}
+        assert fingerprinted == published
+
+
+def test_a_subfolder_is_checked_against_its_parents_published_hashes(tmp_path):
+    from evaluators.errors import IntegrityError
+    from evaluators.fingerprints import checkpoint_fingerprint
+
+    ckpt = tmp_path / "tiny_openflamingo"
+    shutil.copytree(ROOT / "checkpoints" / "tiny_openflamingo", ckpt)
+    checkpoint_fingerprint(ckpt / "lm")
+    (ckpt / "lm" / "config.json").write_text((ckpt / "lm" / "config.json").read_text() + " ")
+    with pytest.raises(IntegrityError, match="lm/config.json does not match its published sha256"):
+        checkpoint_fingerprint(ckpt / "lm")
 
 
 @pytest.mark.parametrize("exc,expected", [

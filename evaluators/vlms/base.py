@@ -61,7 +61,7 @@ class VLM(nn.Module, ABC):
 
     #: side of the square pixel input the model sees (pixels in [0, 1])
     resolution: int
-    #: key of the prompt templates in task configs: "llava" | "openflamingo" | "clip" | "tiny"
+    #: key of the prompt templates in task configs: "llava" | "openflamingo" | "clip"
     family: str
     #: subset of CAPABILITIES
     capabilities: frozenset[str] = frozenset()
