@@ -58,6 +58,20 @@ def call_sizes(evals: Sequence[int]) -> list[int]:
     return [sum(e >= c for e in counts) for c in range(1, max(counts, default=0) + 1)]
 
 
+def grouped_call_sizes(evals: Sequence[int], starts: Sequence[float], grouping: str) -> list[int]:
+    """Call sizes of a reverse pass over one batch grouped as DiffCAP's ``reverse_grouping``: "rounds" (one pass,
+    every round on all images still active), "start" (one pass per distinct start time) or "image" (one each)."""
+    if len(evals) != len(starts):
+        raise ValueError(f"{len(evals)} evaluation counts for {len(starts)} start times")
+    if grouping not in ("rounds", "start", "image"):
+        raise ValueError(f"grouping must be rounds, start or image, got {grouping!r}")
+    if grouping == "rounds":
+        return call_sizes(evals)
+    keys = list(starts) if grouping == "start" else list(range(len(evals)))
+    return [n for key in dict.fromkeys(keys)
+            for n in call_sizes([e for e, k in zip(evals, keys, strict=True) if k == key])]
+
+
 def bound_seconds(sizes: Sequence[int], unit: Mapping[int, float]) -> float:
     """The evaluation bound of calls of these batch sizes: the sum of one batched evaluation's time per call."""
     missing = sorted({n for n in sizes if n not in unit})

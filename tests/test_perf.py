@@ -154,6 +154,11 @@ def test_reverse_grouping_gives_the_same_images(grouping):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
     assert [i.denoiser_evals for i in infos] == [i.denoiser_evals for i in i_ref]
     assert len(den.calls) > len(ref_den.calls)  # fewer images per call: what the benchmark measures
+    evals, starts = [i.denoiser_evals for i in infos], [i.t for i in infos]
+    assert sorted(n for n, _ in den.calls) == sorted(perf.grouped_call_sizes(evals, starts, grouping))
+    assert perf.grouped_call_sizes(evals, starts, "rounds") == perf.call_sizes(evals)
+    with pytest.raises(ValueError):
+        perf.grouped_call_sizes(evals, starts, "never")
 
 
 def test_inference_mode_gives_the_same_images_and_bpda_still_differentiates():
