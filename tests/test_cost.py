@@ -152,3 +152,18 @@ def test_check_run_compares_predicted_with_recorded(tmp_path):
     # per image: 20 denoiser evals, 5 fwd+bwd, 4 + 2 predictions; 2 images
     assert row["predicted"] == pytest.approx(2 * (20 * 0.1 + 5 * 0.2 + 6 * 0.05))
     assert row["recorded"] == 8.0 and row["defense_predicted"] == pytest.approx(4.0) and not row["missing"]
+
+
+def test_counts_are_taken_from_the_matching_finished_run(tmp_path):
+    import estimate_cost as ec
+
+    for name, runs in (("diffcap", 3), ("diffpure", 1)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps({"config": {
+            "defense": {"name": name}, "vlm": {"name": "tiny_llava"}, "attack": {"steps": 4}}}))
+        (run / "samples.jsonl").write_text(json.dumps(_record("vqa", runs, [(10, 0)], 1)) + "\n")
+    cfg = compose_config(["vlm=tiny_llava", "attack=apgd", "defense=diffpure"])
+    assert ec.recorded_counts(tmp_path, cfg)["vqa"].vlm_fwd_bwd == 1 * (4 + 1)
+    with pytest.raises(cost.DataError, match="no finished run of vlm=tiny_clip"):
+        ec.recorded_counts(tmp_path, compose_config(["vlm=tiny_clip", "attack=apgd", "defense=diffpure"]))
