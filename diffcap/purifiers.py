@@ -105,7 +105,7 @@ class DiffusionPurifier(Purifier):
         return _resize(x.float(), self.resolution, self.antialias) * 2 - 1
 
     def _to_pixels(self, z: torch.Tensor, size: int) -> torch.Tensor:
-        return _resize(((z + 1) / 2).clamp(0, 1), size, self.antialias).clamp(0, 1)
+        return _resize(z.add(1).mul_(0.5).clamp_(0, 1), size, self.antialias).clamp_(0, 1)
 
     @staticmethod
     def _check_batch(x: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
@@ -265,8 +265,7 @@ class DiffCAP(DiffusionPurifier):
         return m.embed if hasattr(m, "embed") else m
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """phi's encoder on pixels in [0, 1], with the speed options: one encoder evaluation (the unit that the
-        benchmark's evaluation bound counts)."""
+        """phi's encoder alone on pixels in [0, 1] at the input resolution, with the speed options."""
         fn = self._embed_fn()
         if self.compile_encoder:
             if self._compiled_embed is None:
@@ -275,7 +274,9 @@ class DiffCAP(DiffusionPurifier):
         with perf.autocast(pixels.device.type, self.encoder_autocast):
             return fn(pixels)
 
-    def _phi(self, z: torch.Tensor, size: int) -> torch.Tensor:
+    def phi(self, z: torch.Tensor, size: int) -> torch.Tensor:
+        """phi of states ``z`` in model space: mapped to pixels at ``size``, encoded, L2-normalised. One encoder
+        evaluation of the walk (the unit the benchmark's evaluation bound counts for DiffCAP)."""
         return F.normalize(self.encode(self._to_pixels(z, size)).float().flatten(1), dim=1)
 
     def _phi_x0(self, x: torch.Tensor, z: torch.Tensor, size: int) -> tuple[torch.Tensor, bool]:
@@ -284,7 +285,7 @@ class DiffCAP(DiffusionPurifier):
         if self.reuse_embedding and last is not None and last[0].shape == x.shape and \
                 last[0].device == x.device and torch.equal(last[0], x):
             return last[1], False
-        emb = self._phi(z, size)
+        emb = self.phi(z, size)
         if self.reuse_embedding:
             self._last_x0 = (x.detach().clone(), emb)
         return emb, True
@@ -292,7 +293,7 @@ class DiffCAP(DiffusionPurifier):
     @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """phi of images in [0, 1], L2-normalised, after the same resize round trip as the walk's states."""
-        return self._phi(self._to_model(x.to(self._device(x))), x.shape[-1])
+        return self.phi(self._to_model(x.to(self._device(x))), x.shape[-1])
 
     @torch.no_grad()
     def walk(
@@ -327,7 +328,7 @@ class DiffCAP(DiffusionPurifier):
             last = m == n_moves
             if m % self.check_every and not last:
                 continue
-            e = self._phi(cur, size)
+            e = self.phi(cur, size)
             enc[active] += 1
             sim = (e * emb).sum(1).cpu()
             sims[active, check] = sim.double()
@@ -341,9 +342,9 @@ class DiffCAP(DiffusionPurifier):
                 kept[ids.to(dev)] = torch.where(before.to(dev).view(-1, 1, 1, 1), prev[sel], cur[sel])
                 k_kept[ids] = torch.where(before, k_prev, m * self.step)
                 moves_t[ids], converged[ids] = m, passed[stop]
-            go = ~stop
-            active, emb = active[go], e[go.to(dev)]
-            cur = prev = cur[go.to(dev)]
+                go = (~stop).to(dev)
+                active, e, cur = active[~stop], e[go], cur[go]
+            emb, prev = e, cur
             k_prev = m * self.step
             if not len(active):
                 break

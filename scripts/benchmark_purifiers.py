@@ -11,7 +11,10 @@ Parts (``--parts``, default all three):
            is the time of the purifier's own network calls alone: every batched call (the samplers and the walk
            call the network on the images still active; ``diffcap.perf.call_sizes``) costs one batched
            evaluation of its size, timed (median of ``--unit-repeats``) right before and after each block of
-           repeats. "packed" is the bound if every evaluation ran in a full batch.
+           repeats. A denoiser evaluation is ``Denoiser.forward``; an encoder evaluation is DiffCAP's phi on a
+           state (``DiffCAP.phi``: to pixels, resize to the VLM's input, encode, normalise); "bare encoder"
+           counts the VLM's encoder alone. "packed" is the bound if every evaluation ran in a full batch; the
+           reverse pass's bound is also given for the other groupings (``defense.reverse_grouping``).
   scaling  images per second of both purifiers on all ``n_samples`` attacked images at each ``--scaling`` batch.
   options  each speed option (a config override) against the default: speed-up and the largest change of a
            purified pixel and of DiffCAP's stopping times; kept only when faster and within tolerance.
@@ -96,7 +99,8 @@ class Bench:
         self.purifiers = {k: self.defense(c) for k, c in self.cfgs.items()}
         some_cap = self.purifiers[(args.samplers[0], "diffcap")]
         self.den = self.unit_table(some_cap.denoiser)
-        self.enc = self.encoder_table(some_cap)
+        self.enc = self.encoder_table(some_cap, bare=False)
+        self.enc_bare = self.encoder_table(some_cap, bare=True)
 
     def compose(self, defense: str, sampler: str, extra: tuple[str, ...] = ()):
         tau = [f"defense.tau={self.args.tau}"] if defense == "diffcap" else []
@@ -114,12 +118,18 @@ class Bench:
             return lambda: _no_grad(denoiser, z, t)
         return perf.UnitTable(call, self.args.unit_repeats, self.device)
 
-    def encoder_table(self, diffcap) -> perf.UnitTable:
-        r = int(self.h.vlm.resolution)
+    def encoder_table(self, diffcap, bare: bool) -> perf.UnitTable:
+        """One encoder evaluation: phi on a state (to pixels, resize, encode, normalise: ``DiffCAP.phi``), or with
+        ``bare`` the VLM's encoder alone on pixels (``DiffCAP.encode``)."""
+        r, rd = int(self.h.vlm.resolution), int(diffcap.resolution)
 
         def call(n: int):
-            px = torch.rand(n, 3, r, r, generator=torch.Generator().manual_seed(n)).to(self.device)
-            return lambda: _no_grad(diffcap.encode, px)
+            g = torch.Generator().manual_seed(n)
+            if bare:
+                px = torch.rand(n, 3, r, r, generator=g).to(self.device)
+                return lambda: _no_grad(diffcap.encode, px)
+            z = (torch.rand(n, 3, rd, rd, generator=g) * 2 - 1).to(self.device)
+            return lambda: _no_grad(diffcap.phi, z, r)
         return perf.UnitTable(call, self.args.unit_repeats, self.device)
 
 
@@ -133,6 +143,7 @@ def part_main(b: Bench) -> dict:
     n = min(args.images or bs, b.x.shape[0])
     b.den.measure(range(1, bs + 1))
     b.enc.measure(range(1, bs + 1))
+    b.enc_bare.measure(range(1, bs + 1))
     rows, ratios = [], []
     for sampler in args.samplers:
         for cond, images in (("clean", b.x[:n]), ("adv", b.x_adv[:n])):
@@ -146,9 +157,11 @@ def part_main(b: Bench) -> dict:
             enc_sizes = {d: sizes_of(inf, bs, "encoder_evals") for d, inf in infos.items()}
             b.den.measure(den_sizes["diffpure"] + den_sizes["diffcap"])  # after the block
             b.enc.measure(enc_sizes["diffcap"])
+            b.enc_bare.measure(enc_sizes["diffcap"])
             for d, inf in infos.items():
-                bound = perf.bound_seconds(den_sizes[d], b.den.unit(den_sizes[d])) + \
-                    perf.bound_seconds(enc_sizes[d], b.enc.unit(enc_sizes[d]))
+                den_bound = perf.bound_seconds(den_sizes[d], b.den.unit(den_sizes[d]))
+                bound = den_bound + perf.bound_seconds(enc_sizes[d], b.enc.unit(enc_sizes[d]))
+                bare = den_bound + perf.bound_seconds(enc_sizes[d], b.enc_bare.unit(enc_sizes[d]))
                 den_evals = sum(i.denoiser_evals for i in inf)
                 enc_evals = sum(i.encoder_evals for i in inf)
                 packed = perf.packed_bound(den_evals, bs, b.den.unit([bs])[bs]) + \
@@ -163,6 +176,8 @@ def part_main(b: Bench) -> dict:
                     "bound_seconds": bound, "packed_bound_seconds": packed,
                     "measured_over_bound": statistics.median(t / bound for t in times[d]) if bound else None,
                     "measured_over_packed": statistics.median(t / packed for t in times[d]) if packed else None,
+                    "bound_bare_encoder_seconds": bare,
+                    "measured_over_bare_encoder_bound": statistics.median(t / bare for t in times[d]) if bare else None,
                     "calls": {"denoiser": len(den_sizes[d]), "encoder": len(enc_sizes[d])},
                     # the reverse pass's bound under the other groupings (same images, same evaluations)
                     "denoiser_bound_by_grouping": {g: perf.bound_seconds(s_, b.den.unit(s_)) for g in GROUPINGS
@@ -178,7 +193,7 @@ def part_main(b: Bench) -> dict:
                  ("encoder_eval", b.enc, str(b.cfg.vlm.name), b.cfg.defense.encoder_autocast))]
     cost.write_units(PROJECT_ROOT / "results" / "bench" / "unit_costs.json", units)
     return {"rows": rows, "ratios": ratios,
-            "unit_seconds": {"denoiser": b.den.history, "encoder": b.enc.history}}
+            "unit_seconds": {"denoiser": b.den.history, "encoder_phi": b.enc.history, "encoder_bare": b.enc_bare.history}}
 
 
 def part_scaling(b: Bench) -> dict:
@@ -275,14 +290,19 @@ def part_options(b: Bench) -> dict:
 def markdown(part: str, res: dict) -> str:
     if part == "main":
         lines = ["| sampler | input | purifier | s (batch) | images/s | denoiser evals/img | encoder evals/img | "
-                 "t mean | measured / bound | measured / packed bound |", "|" + " --- |" * 10]
+                 "t mean | measured / bound | measured / packed bound | measured / bound, bare encoder |",
+                 "|" + " --- |" * 11]
         for r in res["rows"]:
             lines.append(f"| {r['sampler']} | {r['input']} | {r['purifier']} | {r['seconds']:.3f} | "
                          f"{r['images_per_second']:.2f} | {r['denoiser_evals_per_image']:.1f} | "
                          f"{r['encoder_evals_per_image']:.1f} | {r['t_mean']:.4f} | {_f(r['measured_over_bound'])} | "
-                         f"{_f(r['measured_over_packed'])} |")
+                         f"{_f(r['measured_over_packed'])} | {_f(r['measured_over_bare_encoder_bound'])} |")
         lines += ["", "| sampler | input | DiffCAP / DiffPure time |", "| --- | --- | ---: |"]
         lines += [f"| {r['sampler']} | {r['input']} | {r['diffcap_over_diffpure']:.3f} |" for r in res["ratios"]]
+        lines += ["", "| sampler | input | DiffCAP reverse-pass bound (s): " + " / ".join(GROUPINGS) + " |",
+                  "| --- | --- | ---: |"]
+        lines += [f"| {r['sampler']} | {r['input']} | " + " / ".join(f"{r['denoiser_bound_by_grouping'][g]:.2f}"
+                  for g in GROUPINGS) + " |" for r in res["rows"] if r["purifier"] == "diffcap"]
     elif part == "scaling":
         lines = ["| sampler | purifier | batch | images/s | x smallest batch | denoiser s/img (unit) |",
                  "|" + " --- |" * 6]
