@@ -82,9 +82,12 @@ def test_counts_from_config_of_a_paper_job():
     assert cost.architectures(cfg)["vlm_fwd_bwd"] == ("llava", "float16")
 
 
-def test_sweep_overrides_expand_the_grid():
-    jobs = cost.sweep_overrides(CONFIG_DIR / "experiment" / "embedded" / "captioning.yaml")
+def test_sweep_overrides_expand_the_grid(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("hydra:\n  sweeper:\n    params:\n      defense: none,diffpure,diffcap\n      attack.eps: 2,4\n")
+    jobs = cost.sweep_overrides(path)
     assert len(jobs) == 6 and ["defense=diffcap", "attack.eps=2"] in jobs
+    assert len(cost.sweep_overrides(CONFIG_DIR / "experiment" / "paper" / "captioning.yaml")) == 24
 
 
 def test_real_size_builders_run_on_tiny_configs():
