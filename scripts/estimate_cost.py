@@ -107,6 +107,7 @@ def check_run(folder: Path, units: list[cost.Unit]) -> dict:
         den = sum(p.terms.get(k, {}).get("seconds", 0.0) for k in ("denoiser_eval", "encoder_eval"))
         out.append({"task": task, "images": n, "predicted": p.seconds, "recorded": recorded,
                     "predicted_over_recorded": perf.ratio(p.seconds, recorded), "missing": p.missing,
+                    "terms": p.terms,
                     "defense_predicted": den, "defense_recorded": stages.get("defense", 0.0),
                     "attack_recorded": stages.get("attack", 0.0), "predict_recorded": stages.get("predict", 0.0)})
     return {"run": str(folder), "rows": out}
