@@ -67,7 +67,7 @@ def jobs_of(overrides: list[str], sweep: bool) -> list[list[str]]:
 
 
 def predict_jobs(args, overrides: list[str], units: list[cost.Unit]) -> dict:
-    rows, missing, total = [], {}, 0.0
+    rows, missing, total, evals = [], {}, 0.0, {}
     for job in jobs_of(overrides, args.sweep):
         cfg = compose_config(job, check=False)  # a GPU config is predicted on any machine
         device = str(args.device or cfg.device).split(":")[0]
@@ -81,12 +81,17 @@ def predict_jobs(args, overrides: list[str], units: list[cost.Unit]) -> dict:
                 raise ConfigError("n_samples=null: the cost model needs a number of samples")
             p = cost.predict(counts, n, archs, units, device, int(cfg.batch_size))
             total += p.seconds
+            for kind, per_image in counts.as_dict().items():
+                if per_image:
+                    unit = " ".join((kind, *archs.get(kind, ("?", "?")), device))
+                    evals[unit] = evals.get(unit, 0.0) + per_image * n
             for m in p.missing:
                 missing.setdefault(m.split(":")[0], m)
             rows.append({"job": " ".join(o for o in job if o not in overrides) or " ".join(job), "task": task, "images": n, "device": device,
                          "counts": counts.as_dict(), "notes": counts.notes, "seconds_known": p.seconds,
                          "terms": p.terms, "missing": p.missing})
-    return {"rows": rows, "seconds_known": total, "missing": sorted(missing.values()), "complete": not missing}
+    return {"rows": rows, "seconds_known": total, "missing": sorted(missing.values()), "complete": not missing,
+            "evaluations": evals}
 
 
 def check_run(folder: Path, units: list[cost.Unit]) -> dict:
@@ -240,6 +245,8 @@ def show(res: dict) -> str:
         c = r["counts"]
         lines.append(f"| {r['job']} | {r['task']} | {r['images']} | {c['denoiser_eval']:.1f} / {c['encoder_eval']:.1f}"
                      f" / {c['vlm_fwd_bwd']:.0f} / {c['vlm_predict']:.0f} | {r['seconds_known'] / 3600:.2f} |")
+    lines += ["", "| unit (kind, arch, precision, device) | evaluations (images x per image, all jobs) |",
+              "| --- | ---: |"] + [f"| {k} | {v:,.0f} |" for k, v in sorted(res["evaluations"].items())]
     lines.append(f"\nknown part: {res['seconds_known'] / 3600:.2f} h; "
                  + ("complete" if res["complete"] else "INCOMPLETE, missing unit costs:"))
     return "\n".join(lines + [f"  - {m}" for m in res["missing"]])
