@@ -33,6 +33,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from diffcap import perf
 from diffcap.schedule import Schedule
 from diffcap.unet import GUIDED_DIFFUSION_256_UNCOND_FLAGS, UNetModel
 
@@ -88,6 +89,28 @@ class Denoiser(nn.Module):
         self.time_scaling: TimeScaling = time_scaling
         self.beta_start = float(beta_start)
         self.beta_end = float(beta_end)
+        self.autocast: torch.dtype | None = None
+        self.channels_last = False
+        self._compiled: Any = None
+
+    def set_speed(self, autocast: str | None = None, channels_last: bool = False, compile: bool = False,
+                  attention: str = "einsum") -> Denoiser:
+        """Speed options (README "Performance"; the defaults are the original computation):
+        ``autocast`` runs the UNet under ``torch.autocast`` in that precision (a precision change: outputs move
+        within the tolerance the README states); ``channels_last`` stores conv weights and inputs NHWC;
+        ``compile`` calls the UNet through ``torch.compile``; ``attention="sdpa"`` uses PyTorch's
+        scaled-dot-product attention instead of guided-diffusion's einsum (the same function)."""
+        for name, v in (("channels_last", channels_last), ("compile", compile)):
+            if not isinstance(v, bool):
+                raise ValueError(f"denoiser.{name} must be true or false, got {v!r}")
+        self.autocast = perf.autocast_dtype(autocast, "denoiser.autocast")
+        self.unet.set_attention(attention)
+        self.channels_last = channels_last
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        # kept out of the module tree, so state_dict and parameters stay the UNet's own
+        object.__setattr__(self, "_compiled", torch.compile(self.unet) if compile else None)
+        return self
 
     @property
     def learn_sigma(self) -> bool:
@@ -122,7 +145,13 @@ class Denoiser(nn.Module):
         index = torch.as_tensor(index, device=x.device)
         if index.shape != (x.shape[0],):
             raise ValueError(f"index must have shape ({x.shape[0]},), got {tuple(index.shape)}")
-        out = self.unet(x.float(), index).float()
+        x = x.float()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self._compiled if self._compiled is not None else self.unet
+        with perf.autocast(x.device.type, self.autocast):
+            out = net(x, index)
+        out = out.float()
         return (out[:, :3], out[:, 3:]) if self.unet.learn_sigma else (out, None)
 
     def forward(self, x: Tensor, t: Tensor | float) -> Tensor:
@@ -177,6 +206,10 @@ def load_guided_diffusion(
     path: str | Path,
     dtype: torch.dtype | str | None = "auto",
     device: str | torch.device | None = None,
+    autocast: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    attention: str = "einsum",
     **flag_overrides: Any,
 ) -> Denoiser:
     """Load OpenAI guided-diffusion's ``256x256_diffusion_uncond.pt`` (or a file with other flags).
@@ -184,7 +217,8 @@ def load_guided_diffusion(
     ``flag_overrides`` replace guided-diffusion flags (``num_channels``, ``channel_mult``, ...), plus
     ``diffusion_steps`` and ``time_scaling``. ``dtype``: the torso precision; "auto" means float16 when
     the flags say ``use_fp16`` and CUDA is available (guided-diffusion's ``convert_to_fp16``), else
-    float32. Parameters are frozen; gradients with respect to the input still flow.
+    float32. Parameters are frozen; gradients with respect to the input still flow. ``autocast``,
+    ``channels_last``, ``compile``, ``attention``: speed options (``Denoiser.set_speed``).
     """
     path = Path(path)
     if not path.is_file():
@@ -215,7 +249,8 @@ def load_guided_diffusion(
     # The linear DDPM schedule of guided-diffusion (get_named_beta_schedule "linear") is defined for
     # 1000 steps as 1e-4..0.02 and rescaled by 1000 / steps otherwise.
     scale = 1000 / num_timesteps
-    return Denoiser(unet, num_timesteps, time_scaling, beta_start=1e-4 * scale, beta_end=0.02 * scale)
+    den = Denoiser(unet, num_timesteps, time_scaling, beta_start=1e-4 * scale, beta_end=0.02 * scale)
+    return den.set_speed(autocast, channels_last, compile, attention)
 
 
 def save_denoiser(denoiser: Denoiser, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
@@ -247,9 +282,11 @@ def build_denoiser(config: dict[str, Any]) -> Denoiser:
 
 
 def load_shapes_denoiser(
-    path: str | Path, dtype: torch.dtype | str | None = "float32", device: str | torch.device | None = None
+    path: str | Path, dtype: torch.dtype | str | None = "float32", device: str | torch.device | None = None,
+    autocast: str | None = None, channels_last: bool = False, compile: bool = False, attention: str = "einsum",
 ) -> Denoiser:
-    """Load the small shapes-world denoiser: a folder with ``config.json`` + ``model.safetensors``."""
+    """Load the small shapes-world denoiser: a folder with ``config.json`` + ``model.safetensors``; the speed
+    options are ``Denoiser.set_speed``'s."""
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -265,7 +302,7 @@ def load_shapes_denoiser(
     den.unet.load_state_dict(load_file(str(weights)), strict=True, assign=True)
     _finish(den.unet, _resolve_dtype(dtype, False), device)
     log.info("loaded shapes denoiser from %s", folder)
-    return den
+    return den.set_speed(autocast, channels_last, compile, attention)
 
 
 __all__ = [

@@ -22,9 +22,16 @@ DenoiserFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | nn.Module
 
 
 def per_image_noise(shape: Sequence[int], generators: Sequence[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """One standard normal draw of ``shape`` per generator, stacked, on ``like``'s device and dtype."""
-    draws = [torch.randn(tuple(shape), generator=g, device=g.device, dtype=torch.float32) for g in generators]
-    return torch.stack(draws).to(device=like.device, dtype=like.dtype)
+    """One standard normal draw of ``shape`` per generator, stacked, on ``like``'s device and dtype (drawn in
+    place into one buffer where the generators share a device: the same numbers without a stacking copy)."""
+    devices = {g.device for g in generators}
+    if len(devices) != 1:
+        draws = [torch.randn(tuple(shape), generator=g, device=g.device, dtype=torch.float32) for g in generators]
+        return torch.stack(draws).to(device=like.device, dtype=like.dtype)
+    out = torch.empty((len(generators), *shape), device=devices.pop(), dtype=torch.float32)
+    for row, g in zip(out, generators, strict=True):
+        torch.randn(tuple(shape), generator=g, out=row)
+    return out.to(device=like.device, dtype=like.dtype)
 
 
 def _eps(denoiser: DenoiserFn, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from diffcap.unet_blocks import (
+    ATTENTION_IMPLS,
     AttentionBlock,
     Downsample,
     ResBlock,
@@ -240,6 +241,16 @@ class UNetModel(nn.Module):
             for mod in part.modules():
                 if isinstance(mod, nn.Conv1d | nn.Conv2d):
                     mod.to(dtype)
+        return self
+
+    def set_attention(self, impl: str) -> UNetModel:
+        """Attention kernel of every AttentionBlock: "einsum" (guided-diffusion's) or "sdpa" (PyTorch's
+        ``scaled_dot_product_attention``, the same function with fused kernels where the hardware has them)."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"denoiser.attention must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
+        for mod in self.modules():
+            if isinstance(mod, AttentionBlock):
+                mod.impl = impl
         return self
 
     def forward(self, x: Tensor, timesteps: Tensor, y: Tensor | None = None) -> Tensor:

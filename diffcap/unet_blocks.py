@@ -172,12 +172,22 @@ class ResBlock(TimestepBlock):
         return skip + h
 
 
+#: attention kernels ``AttentionBlock.impl`` may name (``UNetModel.set_attention``)
+ATTENTION_IMPLS = ("einsum", "sdpa")
+
+
 def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q, k, v: (B*heads, ch, T). Scales q and k by ch**-0.25 each, softmax in float32."""
     s = q.shape[1] ** -0.25
     w = torch.einsum("bct,bcs->bts", q * s, k * s)
     w = torch.softmax(w.float(), dim=-1).to(w.dtype)
     return torch.einsum("bts,bcs->bct", w, v)
+
+
+def _attention_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The same function as ``_attention`` (softmax(q k^T / sqrt(ch)) v) through PyTorch's fused kernel."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 class AttentionBlock(nn.Module):
@@ -200,6 +210,7 @@ class AttentionBlock(nn.Module):
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
         self.new_order = use_new_attention_order
+        self.impl = "einsum"  # or "sdpa" (a speed option, UNetModel.set_attention)
         self.norm = _norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = _zeroed(nn.Conv1d(channels, channels, 1))
@@ -219,6 +230,6 @@ class AttentionBlock(nn.Module):
             q, k, v = (z.reshape(b * n, ch, t) for z in qkv.chunk(3, dim=1))
         else:  # legacy: heads first, then q/k/v inside each head
             q, k, v = qkv.reshape(b * n, 3 * ch, t).split(ch, dim=1)
-        h = _attention(q, k, v).reshape(b, c, t)
+        h = (_attention_sdpa if self.impl == "sdpa" else _attention)(q, k, v).reshape(b, c, t)
         h = _conv_like(self.proj_out, h)
         return (flat + h).reshape(b, c, *spatial)

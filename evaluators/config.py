@@ -140,6 +140,12 @@ CHECKS: dict[str, Check] = {
     "dataset.prepare.n_train": POSITIVE_INT, "dataset.prepare.n_test": POSITIVE_INT,
     "dataset.prepare.size": Check("int", lo=8), "dataset.prepare.seed": Check("int", lo=0),
     "logger.mode": Check("enum", choices=("online", "offline", "disabled")), "logger.n_images": Check("int", lo=0),
+    # speed options (README "Performance")
+    "denoiser.autocast": Check("enum", choices=("bfloat16", "float16"), optional=True),
+    "denoiser.channels_last": BOOL, "denoiser.compile": BOOL, "denoiser.attention": Check("enum", choices=("einsum", "sdpa")),
+    "defense.inference_mode": BOOL, "defense.encoder_autocast": Check("enum", choices=("bfloat16", "float16"), optional=True),
+    "defense.compile_encoder": BOOL, "defense.reuse_embedding": BOOL,
+    "defense.reverse_grouping": Check("enum", choices=("rounds", "start", "image")),
 }
 
 

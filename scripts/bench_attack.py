@@ -1,0 +1,204 @@
+"""Attack benchmark: APGD steps per second for each VLM adapter, batched against one image at a time (RobustVLM
+attacks one image at a time), with peak memory; and the adversarial cache's saving in a defense sweep.
+
+    python scripts/bench_attack.py n_samples=16 attack.steps=10
+    python scripts/bench_attack.py --vlms tiny_clip --parts throughput --batches 1,4,16
+
+Parts (``--parts``, default both):
+  throughput  per VLM (``--vlms``, each on its first task: captioning, or zero-shot classification for CLIP):
+              the first stage of the task's attack objective (the loss the runner's attack maximises) run by
+              the configured APGD on ``n_samples`` clean images, at each ``--batches`` batch size; image-steps
+              per second (images x steps / seconds), the ratio to the smallest batch, peak memory; and the
+              unit costs of one APGD step and one prediction per image (results/bench/unit_costs.json).
+  cache       a defense sweep (``--defenses``) through the runner's ``run`` in fresh folders, once reading the
+              adversarial cache (the first job attacks, the others hit) and once with attack.from_cache=false;
+              the saving is 1 - time with cache / time without.
+
+Arguments key=value are Hydra overrides of configs/run.yaml for every VLM. Everything is built by the runner's
+``build`` (VLM, task, attack); the clean images come through ``clean_and_adversarial``. Writes
+<out>_<part>.json and .md (default results/bench/attack_*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from diffcap import perf
+from evaluators import cost
+from evaluators.config import PROJECT_ROOT, compose_config, select_tasks, vlm_tasks
+from evaluators.errors import ConfigError, cli
+from evaluators.runner import build, clean_and_adversarial, run
+from evaluators.seeding import derive_seed, generators
+
+log = logging.getLogger("bench_attack")
+VLMS = ("tiny_llava", "tiny_openflamingo", "tiny_clip")
+
+
+def time_apgd(apgd, loss, x: torch.Tensor, seeds: list[int], batch: int, device) -> float:
+    """Seconds for APGD on every image of ``x``, ``batch`` images per run (one generator per image)."""
+    perf.synchronize(device)
+    tic = time.perf_counter()
+    for i in range(0, x.shape[0], batch):
+        idx = torch.arange(i, min(i + batch, x.shape[0]), device=x.device)
+        apgd.perturb(loss, x[idx], index=idx, generators=generators([seeds[j] for j in idx.tolist()]))
+    perf.synchronize(device)
+    return time.perf_counter() - tic
+
+
+def throughput(vlm: str, args, overrides: list[str]) -> tuple[list[dict], list[cost.Unit]]:
+    cfg = compose_config([f"vlm={vlm}", "attack=apgd", "defense=none", *overrides])
+    if not cfg.tasks:  # the VLM's first task only (building the others would only cost time)
+        cfg = compose_config([f"vlm={vlm}", "attack=apgd", "defense=none", *overrides,
+                              f"tasks=[{select_tasks(cfg, vlm_tasks(cfg))[0]}]"])
+    h = build(cfg, Path(cfg.paths.output_dir))
+    task_name = next(iter(h.tasks))
+    task, device = h.tasks[task_name], torch.device(cfg.device)
+    samples, x, _ = clean_and_adversarial(h, task_name)
+    protocol = cfg.attack.get("zero_shot")
+    objective = task.objective(h.vlm, samples, cfg.attack.schedule, x_clean=x,
+                               protocol=None if protocol is None else OmegaConf.to_container(protocol))
+    stage = objective.stages[0]
+    apgd = h.attack.stage_attack(stage)
+    seeds = [derive_seed(cfg.seed.noise, "bench_attack", s["id"]) for s in samples]
+    n, steps = x.shape[0], apgd.steps
+    time_apgd(apgd, stage.loss, x[: min(args.batches)], seeds, min(args.batches), device)  # warm-up
+    rows, times = [], {b: [] for b in args.batches}
+    memory = {}
+    for r in range(args.repeats):
+        for b in (args.batches if r % 2 == 0 else args.batches[::-1]):
+            with perf.peak_memory(device) as mem:
+                times[b].append(time_apgd(apgd, stage.loss, x, seeds, b, device))
+            memory[b] = mem
+    for b in args.batches:
+        sec = statistics.median(times[b])
+        rows.append({"vlm": vlm, "task": task_name, "stage": stage.name, "images": n, "batch": b, "steps": steps,
+                     "seconds": sec, "seconds_all": times[b], "image_steps_per_second": n * steps / sec,
+                     "peak_mib": memory[b]["peak_mib"], "base_mib": memory[b]["base_mib"],
+                     "memory_kind": memory[b]["kind"]})
+    small = next(r for r in rows if r["batch"] == min(args.batches))
+    for r in rows:
+        r["throughput_over_smallest_batch"] = r["image_steps_per_second"] / small["image_steps_per_second"]
+    big = max(args.batches)
+    with torch.no_grad():
+        predict = perf.median_seconds(lambda: task.predict(h.vlm, x[:big], samples[:big]), args.repeats,
+                                      device=device)
+    precision = cost.architectures(cfg)["vlm_predict"][1]
+    mach = cost.machine()
+    units = [cost.Unit(vlm, "vlm_fwd_bwd", precision, device.type, b["batch"], b["seconds"] / (n * (steps + 1)),
+                       source="scripts/bench_attack.py (APGD: steps + 1 loss/gradient evaluations per image)",
+                       machine=mach) for b in rows]
+    units.append(cost.Unit(vlm, "vlm_predict", precision, device.type, min(big, n), predict / min(big, n),
+                           source=f"scripts/bench_attack.py ({task_name} predictions)", machine=mach))
+    return rows, units
+
+
+def cache_saving(args, overrides: list[str]) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="bench_attack_cache_"))
+    sweeps: dict[str, list[dict]] = {}
+    def job(mode: str, d: str, extra: str) -> dict:
+        cfg = compose_config([f"vlm={args.sweep_vlm}", "attack=apgd", f"defense={d}", *overrides, extra,
+                              f"paths.cache_dir={root / mode / 'cache'}"], output_dir=root / mode / d)
+        tic = time.perf_counter()
+        summary = run(cfg)
+        sec = time.perf_counter() - tic
+        stages = {k: v for t in summary["timing_seconds"].values() for k, v in t.items()}
+        return {"defense": d, "seconds": sec, "stage_seconds": stages, "recorded_seconds": sum(stages.values()),
+                "cache": summary.get("cache")}
+
+    try:
+        job("warmup", args.defenses[0], "attack.from_cache=false")  # first-run costs (Java, tokenizers) go here
+        for mode, extra in (("with_cache", "attack.from_cache=true"), ("without_cache", "attack.from_cache=false")):
+            sweeps[mode] = [job(mode, d, extra) for d in args.defenses]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    wall = {m: sum(j["seconds"] for j in jobs) for m, jobs in sweeps.items()}
+    recorded = {m: sum(j["recorded_seconds"] for j in jobs) for m, jobs in sweeps.items()}
+    return {"vlm": args.sweep_vlm, "defenses": args.defenses, "jobs": sweeps, "total_seconds": wall,
+            "recorded_seconds": recorded, "saving": 1 - recorded["with_cache"] / recorded["without_cache"],
+            "saving_wall": 1 - wall["with_cache"] / wall["without_cache"]}
+
+
+def markdown(part: str, res: dict) -> str:
+    if part == "throughput":
+        lines = ["| vlm | task | batch | image-steps/s | x smallest batch | peak - base (MiB) | memory |",
+                 "|" + " --- |" * 7]
+        for r in res["rows"]:
+            mem = "-" if r["peak_mib"] is None else f"{r['peak_mib'] - (r['base_mib'] or 0):.0f}"
+            lines.append(f"| {r['vlm']} | {r['task']} | {r['batch']} | {r['image_steps_per_second']:.2f} | "
+                         f"{r['throughput_over_smallest_batch']:.2f} | {mem} | {r['memory_kind']} |")
+    else:
+        lines = ["| sweep | " + " | ".join(res["defenses"]) + " | recorded total (s) | wall total (s) |",
+                 "|" + " --- |" * (len(res["defenses"]) + 3)]
+        for mode, jobs in res["jobs"].items():
+            lines.append(f"| {mode} | " + " | ".join(f"{j['recorded_seconds']:.1f}" for j in jobs) +
+                         f" | {res['recorded_seconds'][mode]:.1f} | {res['total_seconds'][mode]:.1f} |")
+        lines += ["", f"Saving of the cache: **{100 * res['saving']:.1f} %** of the sweep's recorded time (the "
+                  f"runner's per-stage seconds: load, attack, defense, predict), {100 * res['saving_wall']:.1f} % "
+                  "of its wall time (models loaded once per job, after a warm-up job)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = cost.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="throughput,cache")
+    p.add_argument("--vlms", default=",".join(VLMS))
+    p.add_argument("--batches", default="1,16", help="batch sizes (images per APGD run)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--defenses", default="none,diffpure,diffcap")
+    p.add_argument("--sweep-vlm", default="tiny_llava")
+    p.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "attack")
+    args, overrides = p.parse_known_args()
+    args.parts = _list(args.parts, ("throughput", "cache"))
+    args.vlms = _list(args.vlms)
+    args.defenses = _list(args.defenses, ("none", "diffpure", "diffcap"))
+    try:
+        args.batches = sorted({int(b) for b in args.batches.split(",") if b})
+    except ValueError as e:
+        raise ConfigError(f"--batches={args.batches!r} is not accepted: a comma-separated list of integers") from e
+    if not args.batches or args.batches[0] < 1 or args.repeats < 1:
+        raise ConfigError("--batches must list integers >= 1 and --repeats must be >= 1")
+    if bad := [o for o in overrides if not o.partition("=")[1] or o.startswith("-")]:
+        raise ConfigError(f"unknown argument(s) {bad}: options start with --, overrides are key=value")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = ["n_samples=16", "batch_size=16", "attack.steps=10", *overrides]
+    for part in args.parts:
+        before = cost.machine()
+        if part == "throughput":
+            rows, units = [], []
+            for vlm in args.vlms:
+                r, u = throughput(vlm, args, overrides)
+                rows += r
+                units += u
+            cost.write_units(PROJECT_ROOT / "results" / "bench" / "unit_costs.json", units)
+            res = {"rows": rows}
+        else:
+            res = cache_saving(args, overrides)
+        res = {"part": part, "overrides": overrides, "args": {k: v for k, v in vars(args).items() if k != "out"},
+               "machine_before": before, **res, "machine_after": cost.machine()}
+        out = Path(f"{args.out}_{part}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+        out.with_suffix(".md").write_text(markdown(part, res))
+        print(f"\n## {part}\n\n{markdown(part, res)}", flush=True)
+
+
+def _list(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
+    items = [t for t in text.split(",") if t]
+    if not items or (allowed and any(i not in allowed for i in items)):
+        raise ConfigError(f"{text!r} is not accepted: a comma-separated list" +
+                          (f" of {', '.join(allowed)}" if allowed else ""))
+    return items
+
+
+if __name__ == "__main__":
+    cli(main)
