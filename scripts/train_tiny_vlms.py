@@ -30,7 +30,7 @@ import tiny_vlm_init as I  # noqa: E402
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from tiny_vlm_data import load_split, merge_splits, to_pixels
+from tiny_vlm_data import load_split, masked_batch, merge_splits, sample_items, to_pixels
 
 from evaluators.config import PROJECT_ROOT
 from evaluators.datasets.shapes import CLASSNAMES, generate_shapes  # noqa: E402
@@ -83,31 +83,6 @@ def optimise(groups: list[tuple[list[torch.nn.Parameter], float]], steps: int, l
         opt.step()
         if step % 10 == 0 or step == steps - 1:
             log.info("%s step %d/%d loss %.4f (%.0f s)", name, step, steps, loss.item(), time.perf_counter() - t0)
-
-
-def sample_items(train: dict[str, Any], rng: np.random.Generator, batch: int) -> list[tuple[int, str, str, str]]:
-    """Half captions, half VQA items: (image row, kind, question or '', target)."""
-    n, vqa, half = len(train["captions"]), train["vqa"], max(1, batch // 2)
-    items = [(int(i), "caption", "", train["captions"][i][int(rng.integers(5))]) for i in rng.choice(n, half, replace=False)]
-    items += [(vqa[i]["row"], "vqa", vqa[i]["question"], vqa[i]["answer"]) for i in rng.choice(len(vqa), batch - half, replace=False)]
-    return items
-
-
-def masked_batch(tok, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
-    """Right-padded ids of prompt + target with labels on the target tokens only (-100 elsewhere)."""
-    ids, labels = [], []
-    for p, t in zip(prompts, targets, strict=True):
-        p_ids = tok(p)["input_ids"]
-        full = tok(p + t)["input_ids"]
-        if full[: len(p_ids)] != p_ids:
-            raise ValueError(f"the prompt's tokens change when the target is appended: {p!r} + {t!r}")
-        ids.append(full)
-        labels.append([-100] * len(p_ids) + full[len(p_ids):])
-    width = max(map(len, ids))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    return {"input_ids": torch.tensor([s + [pad] * (width - len(s)) for s in ids]),
-            "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids]),
-            "labels": torch.tensor([s + [-100] * (width - len(s)) for s in labels])}
 
 
 # ------------------------------------------------------------------------------------------------ LLaVA

@@ -23,3 +23,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def good_run(tmp_path_factory):
+    """A finished good run (world, run folder, cache) that the bad-input cases copy and damage."""
+    from tests.bad_inputs import make_good_run
+
+    return make_good_run(tmp_path_factory.mktemp("good"))
