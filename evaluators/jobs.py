@@ -32,6 +32,8 @@ def in_multirun() -> bool:
 
 
 def record(output_dir: str | Path, status: dict) -> None:
+    if in_multirun():  # whose sweep this job is (another sweep may write into a subfolder at the same time)
+        status = {**status, "sweep_dir": str(Path(str(HydraConfig.get().sweep.dir)).resolve())}
     path = Path(output_dir) / STATUS
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(status, indent=2))
@@ -69,9 +71,12 @@ class SweepReport(Callback):
 
         root = Path(str(config.hydra.sweep.dir))
         # this sweep's jobs only: the sweep folder may hold earlier sweeps' jobs (every job rewrites its status)
+        # and, in subfolders, the jobs of another sweep running at the same time (each status names its sweep)
         since = getattr(self, "started", 0.0) - 1.0
         files = sorted((p for p in root.rglob(STATUS) if p.stat().st_mtime >= since), key=lambda p: p.stat().st_mtime)
         statuses = {p.parent: json.loads(p.read_text()) for p in files}  # in the order the jobs ended
+        mine = str(root.resolve())
+        statuses = {d: s for d, s in statuses.items() if s.get("sweep_dir", mine) == mine}
         summaries = {}
         for d, s in statuses.items():
             try:

@@ -120,3 +120,22 @@ def test_every_dataset_gives_diffcap_a_fixed_clip_encoder(dataset):
         torch.testing.assert_close(z.norm(dim=-1), torch.ones(2))
     else:
         assert enc.resolution == 224 and "clip-vit-base-patch32" in str(enc.path)
+
+
+def test_sweep_report_leaves_out_another_sweep_running_in_a_subfolder(tmp_path, capsys):
+    """A sweep's report lists its own jobs only, not those of a sweep writing into a subfolder meanwhile."""
+    from omegaconf import OmegaConf
+
+    from evaluators.jobs import STATUS, SweepReport
+
+    root = tmp_path / "multiruns"
+    report = SweepReport()
+    report.on_multirun_start(OmegaConf.create({}))
+    for job, sweep, status in (("mine", root, "ok"), ("sub/theirs", root / "sub", "error")):
+        (root / job).mkdir(parents=True)
+        (root / job / STATUS).write_text(json.dumps({"status": status, "error": "x", "sweep_dir": str(sweep)}))
+    report.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}}}))  # no SystemExit: theirs failed
+    (root / "sub" / "theirs" / STATUS).write_text(json.dumps({"status": "error", "error": "x", "sweep_dir": str(root)}))
+    with pytest.raises(SystemExit):
+        report.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}}}))
+    assert "job sub/theirs failed" in capsys.readouterr().err
