@@ -73,6 +73,22 @@ def test_class_embeddings_are_cached_per_classes_and_templates(hf_folder):
     assert calls == [9, 3]
 
 
+def test_class_embeddings_in_chunks_equal_one_batch(hf_folder):
+    """The text tower sees at most ``chunk`` texts per call (a chunk boundary inside a class's templates too),
+    and the class embeddings equal those of one batch of all texts."""
+    from evaluators.vlms.base import ClassEmbeddings
+
+    vlm = CLIPVLM.load(path=hf_folder)
+    calls = []
+    enc = lambda texts: calls.append(len(texts)) or vlm._encode_text(texts)  # noqa: E731
+    whole = ClassEmbeddings(chunk=10_000)(enc, CLASSES, TEMPLATES)
+    chunked = ClassEmbeddings(chunk=2)(enc, CLASSES, TEMPLATES)
+    assert calls == [9, 2, 2, 2, 2, 1]
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk"):
+        ClassEmbeddings(chunk=0)
+
+
 @pytest.fixture
 def float64_default():
     """transformers' CLIP text mask is built with torch's default dtype, which must hold float64's min."""

@@ -114,9 +114,14 @@ def check_batch(x: torch.Tensor, resolution: int, *lists: Sequence[Any]) -> None
 
 class ClassEmbeddings:
     """Zero-shot class embeddings, cached per (classnames, templates): per class, the normalised mean of its
-    normalised template embeddings (CLIP's recipe). ``encode_text`` maps strings to (N, D) features."""
+    normalised template embeddings (CLIP's recipe). ``encode_text`` maps strings to (N, D) features; it is called on
+    chunks of ``chunk`` texts (ImageNet's 1000 classes x 80 templates in one batch would need tens of GB of
+    activations, and each chunk pads only to its own longest text)."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk: int = 1024) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        self.chunk = int(chunk)
         self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def __call__(self, encode_text: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
@@ -127,7 +132,8 @@ class ClassEmbeddings:
         if key not in self._cache:
             texts = [tpl.format(c) for c in classnames for tpl in templates]
             with torch.no_grad():
-                e = F.normalize(encode_text(texts).float(), dim=-1)
+                e = torch.cat([F.normalize(encode_text(texts[i:i + self.chunk]).float(), dim=-1)
+                               for i in range(0, len(texts), self.chunk)])
                 e = F.normalize(e.view(len(classnames), len(templates), -1).mean(1), dim=-1)
             self._cache[key] = e
         return self._cache[key]
