@@ -58,18 +58,29 @@ def call_sizes(evals: Sequence[int]) -> list[int]:
     return [sum(e >= c for e in counts) for c in range(1, max(counts, default=0) + 1)]
 
 
+#: how DiffCAP's reverse pass groups images (``defense.reverse_grouping``): "rounds" (one pass, every round on all
+#: images still active), "start" (one pass per distinct start time) or "image" (one pass each)
+REVERSE_GROUPINGS = ("rounds", "start", "image")
+
+
+def reverse_groups(starts: Sequence[float], grouping: str) -> list[list[int]]:
+    """The rows of a batch that share one reverse pass under ``grouping``, in order of first appearance (the
+    purifier runs these passes, the bound counts their calls)."""
+    if grouping not in REVERSE_GROUPINGS:
+        raise ValueError(f"grouping must be one of {', '.join(REVERSE_GROUPINGS)}, got {grouping!r}")
+    keys = [0] * len(starts) if grouping == "rounds" else list(starts) if grouping == "start" else range(len(starts))
+    groups: dict[object, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return list(groups.values())
+
+
 def grouped_call_sizes(evals: Sequence[int], starts: Sequence[float], grouping: str) -> list[int]:
-    """Call sizes of a reverse pass over one batch grouped as DiffCAP's ``reverse_grouping``: "rounds" (one pass,
-    every round on all images still active), "start" (one pass per distinct start time) or "image" (one each)."""
+    """Call sizes of a reverse pass over one batch grouped as DiffCAP's ``reverse_grouping``
+    (``reverse_groups``): each group's pass calls the network as ``call_sizes`` says."""
     if len(evals) != len(starts):
         raise ValueError(f"{len(evals)} evaluation counts for {len(starts)} start times")
-    if grouping not in ("rounds", "start", "image"):
-        raise ValueError(f"grouping must be rounds, start or image, got {grouping!r}")
-    if grouping == "rounds":
-        return call_sizes(evals)
-    keys = list(starts) if grouping == "start" else list(range(len(evals)))
-    return [n for key in dict.fromkeys(keys)
-            for n in call_sizes([e for e, k in zip(evals, keys, strict=True) if k == key])]
+    return [n for rows in reverse_groups(starts, grouping) for n in call_sizes([evals[i] for i in rows])]
 
 
 def bound_seconds(sizes: Sequence[int], unit: Mapping[int, float]) -> float:

@@ -31,10 +31,6 @@ from diffcap.schedule import Schedule, schedule_of
 
 log = logging.getLogger(__name__)
 
-#: how DiffCAP's reverse pass groups images (a speed option; see ``DiffCAP``)
-REVERSE_GROUPINGS = ("rounds", "start", "image")
-
-
 def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -233,8 +229,8 @@ class DiffCAP(DiffusionPurifier):
         for name, v in (("compile_encoder", compile_encoder), ("reuse_embedding", reuse_embedding)):
             if not isinstance(v, bool):
                 raise ValueError(f"defense.{name} must be true or false, got {v!r}")
-        if reverse_grouping not in REVERSE_GROUPINGS:
-            raise ValueError(f"defense.reverse_grouping must be one of {', '.join(REVERSE_GROUPINGS)}, "
+        if reverse_grouping not in perf.REVERSE_GROUPINGS:
+            raise ValueError(f"defense.reverse_grouping must be one of {', '.join(perf.REVERSE_GROUPINGS)}, "
                              f"got {reverse_grouping!r}")
         self.encoder_autocast = perf.autocast_dtype(encoder_autocast, "defense.encoder_autocast")
         self.compile_encoder, self.reuse_embedding = compile_encoder, reuse_embedding
@@ -353,12 +349,11 @@ class DiffCAP(DiffusionPurifier):
     def _reverse(self, kept: torch.Tensor, t_kept: torch.Tensor,
                  generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
         """The reverse pass, grouped as ``reverse_grouping`` says (each image's result is the same)."""
-        if self.reverse_grouping == "rounds":
+        groups = perf.reverse_groups(t_kept.tolist(), self.reverse_grouping)
+        if len(groups) == 1:
             return self.sampler.sample(self.denoiser, kept, t_kept, generators)
-        keys = t_kept.tolist() if self.reverse_grouping == "start" else list(range(len(t_kept)))
-        out, evals = torch.empty_like(kept), torch.zeros(len(keys), dtype=torch.long)
-        for key in dict.fromkeys(keys):
-            rows = [i for i, k in enumerate(keys) if k == key]
+        out, evals = torch.empty_like(kept), torch.zeros(len(t_kept), dtype=torch.long)
+        for rows in groups:
             o, e = self.sampler.sample(self.denoiser, kept[rows], t_kept[rows], [generators[i] for i in rows])
             out[torch.tensor(rows, device=kept.device)], evals[rows] = o, e
         return out, evals

@@ -46,7 +46,6 @@ from evaluators.seeding import derive_seed, generators
 
 log = logging.getLogger("benchmark_purifiers")
 SAMPLERS = ("sde", "ddpm", "ddim")
-GROUPINGS = ("rounds", "start", "image")
 #: speed options: name -> (overrides, tolerance class); "exact" = the same function, "precision" = lower precision
 OPTIONS = {
     "denoiser.autocast=bfloat16": "precision", "denoiser.channels_last=true": "exact",
@@ -180,7 +179,7 @@ def part_main(b: Bench) -> dict:
                     "measured_over_bare_encoder_bound": statistics.median(t / bare for t in times[d]) if bare else None,
                     "calls": {"denoiser": len(den_sizes[d]), "encoder": len(enc_sizes[d])},
                     # the reverse pass's bound under the other groupings (same images, same evaluations)
-                    "denoiser_bound_by_grouping": {g: perf.bound_seconds(s_, b.den.unit(s_)) for g in GROUPINGS
+                    "denoiser_bound_by_grouping": {g: perf.bound_seconds(s_, b.den.unit(s_)) for g in perf.REVERSE_GROUPINGS
                                                    for s_ in [sizes_of(inf, bs, "denoiser_evals", g)]},
                 })
             ratios.append({"sampler": sampler, "input": cond, "diffcap_over_diffpure": statistics.median(
@@ -299,10 +298,10 @@ def markdown(part: str, res: dict) -> str:
                          f"{_f(r['measured_over_packed'])} | {_f(r['measured_over_bare_encoder_bound'])} |")
         lines += ["", "| sampler | input | DiffCAP / DiffPure time |", "| --- | --- | ---: |"]
         lines += [f"| {r['sampler']} | {r['input']} | {r['diffcap_over_diffpure']:.3f} |" for r in res["ratios"]]
-        lines += ["", "| sampler | input | DiffCAP reverse-pass bound (s): " + " / ".join(GROUPINGS) + " |",
+        lines += ["", "| sampler | input | DiffCAP reverse-pass bound (s): " + " / ".join(perf.REVERSE_GROUPINGS) + " |",
                   "| --- | --- | ---: |"]
         lines += [f"| {r['sampler']} | {r['input']} | " + " / ".join(f"{r['denoiser_bound_by_grouping'][g]:.2f}"
-                  for g in GROUPINGS) + " |" for r in res["rows"] if r["purifier"] == "diffcap"]
+                  for g in perf.REVERSE_GROUPINGS) + " |" for r in res["rows"] if r["purifier"] == "diffcap"]
     elif part == "scaling":
         lines = ["| sampler | purifier | batch | images/s | x smallest batch | denoiser s/img (unit) |",
                  "|" + " --- |" * 6]

@@ -161,6 +161,17 @@ def test_reverse_grouping_gives_the_same_images(grouping):
         perf.grouped_call_sizes(evals, starts, "never")
 
 
+def test_reverse_groups_are_one_pass_per_start_time_or_image():
+    """The grouping both the purifier and the bound use, spelled out (a wrong grouping would pass the call check
+    above, since the calls and the bound would both follow it)."""
+    starts = [0.1, 0.2, 0.1, 0.0]
+    assert perf.reverse_groups(starts, "rounds") == [[0, 1, 2, 3]]
+    assert perf.reverse_groups(starts, "start") == [[0, 2], [1], [3]]
+    assert perf.reverse_groups(starts, "image") == [[0], [1], [2], [3]]
+    with pytest.raises(ValueError, match="grouping must be one of"):
+        perf.reverse_groups(starts, "never")
+
+
 def test_inference_mode_gives_the_same_images_and_bpda_still_differentiates():
     for make in (lambda **k: _diffcap(TinyDenoiser(), PixelEncoder(), **k),
                  lambda **k: DiffPure(TinyDenoiser(), sampler=DDIM(steps=3), **k)):
