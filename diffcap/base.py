@@ -10,6 +10,13 @@ import torch
 from torch import nn
 
 
+def check_flags(prefix: str, **flags: object) -> None:
+    """Config switches of the purifiers and denoisers must be booleans (a string such as "no" would be truthy)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{prefix}.{name} must be true or false, got {value!r}")
+
+
 @dataclass
 class PurifyInfo:
     """What one purification did to one image (written into samples.jsonl)."""

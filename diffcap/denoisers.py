@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from diffcap import perf
+from diffcap.base import check_flags
 from diffcap.schedule import Schedule
 from diffcap.unet import GUIDED_DIFFUSION_256_UNCOND_FLAGS, UNetModel
 
@@ -100,9 +101,7 @@ class Denoiser(nn.Module):
         within the tolerance the README states); ``channels_last`` stores conv weights and inputs NHWC;
         ``compile`` calls the UNet through ``torch.compile``; ``attention="sdpa"`` uses PyTorch's
         scaled-dot-product attention instead of guided-diffusion's einsum (the same function)."""
-        for name, v in (("channels_last", channels_last), ("compile", compile)):
-            if not isinstance(v, bool):
-                raise ValueError(f"denoiser.{name} must be true or false, got {v!r}")
+        check_flags("denoiser", channels_last=channels_last, compile=compile)
         self.autocast = perf.autocast_dtype(autocast, "denoiser.autocast")
         self.unet.set_attention(attention)
         self.channels_last = channels_last

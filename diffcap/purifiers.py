@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffcap import perf
-from diffcap.base import Purifier, PurifyInfo
+from diffcap.base import Purifier, PurifyInfo, check_flags
 from diffcap.samplers import ReverseSDE, Sampler, per_image_noise
 from diffcap.schedule import Schedule, schedule_of
 
@@ -74,9 +74,7 @@ class DiffusionPurifier(Purifier):
     def __init__(self, denoiser: nn.Module, sampler: Sampler | None = None, antialias: bool = False,
                  inference_mode: bool = False):
         super().__init__()
-        for name, v in (("antialias", antialias), ("inference_mode", inference_mode)):
-            if not isinstance(v, bool):
-                raise ValueError(f"defense.{name} must be true or false, got {v!r}")
+        check_flags("defense", antialias=antialias, inference_mode=inference_mode)
         self.denoiser = denoiser
         self.sampler = sampler if sampler is not None else ReverseSDE()
         self.antialias = antialias
@@ -226,9 +224,7 @@ class DiffCAP(DiffusionPurifier):
             raise ValueError(f"defense.encoder must be 'vlm' or 'clip', got {encoder!r}")
         if encoder == "clip" and encoder_model is None:
             raise ValueError("defense.encoder_model must be given when defense.encoder is 'clip'")
-        for name, v in (("compile_encoder", compile_encoder), ("reuse_embedding", reuse_embedding)):
-            if not isinstance(v, bool):
-                raise ValueError(f"defense.{name} must be true or false, got {v!r}")
+        check_flags("defense", compile_encoder=compile_encoder, reuse_embedding=reuse_embedding)
         if reverse_grouping not in perf.REVERSE_GROUPINGS:
             raise ValueError(f"defense.reverse_grouping must be one of {', '.join(perf.REVERSE_GROUPINGS)}, "
                              f"got {reverse_grouping!r}")

@@ -196,3 +196,13 @@ def test_reuse_embedding_skips_only_a_repeated_x0():
     _, other = fast.purify(X6.flip(0), gens(6))  # other pixels: computed again
     _, other_ref = ref.purify(X6.flip(0), gens(6))
     assert [i.encoder_evals for i in other] == [i.encoder_evals for i in other_ref]
+
+
+def test_speed_switches_must_be_booleans():
+    """A switch given as a string (YAML's "no" is truthy once quoted) is refused with the key to fix."""
+    with pytest.raises(ValueError, match=r"^defense\.inference_mode must be true or false, got 'no'$"):
+        DiffPure(TinyDenoiser(), inference_mode="no")
+    with pytest.raises(ValueError, match=r"^defense\.reuse_embedding must be true or false, got 1$"):
+        _diffcap(TinyDenoiser(), PixelEncoder(), reuse_embedding=1)
+    with pytest.raises(ValueError, match=r"^denoiser\.compile must be true or false, got 'yes'$"):
+        load_shapes_denoiser(CKPT, compile="yes")
