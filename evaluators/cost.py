@@ -26,13 +26,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from evaluators.errors import ConfigError, DataError
+from evaluators.vlms.checkpoints import parse_dtype
 
 KINDS = ("denoiser_eval", "encoder_eval", "vlm_fwd_bwd", "vlm_predict")
 #: denoiser loaders -> architecture names of the unit-cost table
 DENOISER_ARCH = {"diffcap.denoisers.load_guided_diffusion": "guided_diffusion_256",
                  "diffcap.denoisers.load_shapes_denoiser": "shapes_denoiser"}
-_PRECISION = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
-              "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -215,7 +214,7 @@ def counts_from_config(cfg: DictConfig, task: str, diffcap_t: float | None) -> C
 def architectures(cfg: DictConfig) -> dict[str, tuple[str, str]]:
     """(arch, precision) of the network behind each unit kind of a run."""
     vlm = str(cfg.vlm.name)
-    vlm_precision = _PRECISION.get(str(cfg.vlm.get("dtype", "float32")).lower(), str(cfg.vlm.get("dtype")))
+    vlm_precision = _precision(cfg.vlm.get("dtype", "float32"), "vlm.dtype")
     out = {"vlm_fwd_bwd": (vlm, vlm_precision), "vlm_predict": (vlm, vlm_precision),
            "encoder_eval": (vlm, vlm_precision)}
     den = cfg.get("denoiser")
@@ -227,8 +226,13 @@ def architectures(cfg: DictConfig) -> dict[str, tuple[str, str]]:
                                                        "float32"))
         if precision == "auto":
             precision = "float16" if arch == "guided_diffusion_256" and str(cfg.device).startswith("cuda") else "float32"
-        out["denoiser_eval"] = (arch, _PRECISION.get(precision, precision))
+        out["denoiser_eval"] = (arch, _precision(precision, "denoiser.dtype"))
     return out
+
+
+def _precision(value: object, key: str) -> str:
+    """The unit table's precision name of a config dtype (fp16, half, torch.float16, ... -> "float16")."""
+    return str(parse_dtype(str(value).lower(), key)).removeprefix("torch.")
 
 
 @dataclass
