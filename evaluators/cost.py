@@ -41,6 +41,36 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message}")
 
 
+def comma_list(option: str, text: str, kind: type = str, allowed: Iterable[object] | None = None) -> list:
+    """A performance script's comma-separated option value, each item converted by ``kind`` and, with ``allowed``,
+    one of those; anything else is a ``ConfigError`` naming the option."""
+    allowed = None if allowed is None else tuple(allowed)
+    what = f"a comma-separated list of {', '.join(map(str, allowed))}" if allowed else \
+        f"a comma-separated list of {kind.__name__} values"
+    try:
+        items = [kind(t) for t in text.split(",") if t]
+    except ValueError:
+        items = []
+    if not items or (allowed and any(i not in allowed for i in items)):
+        raise ConfigError(f"{option}={text!r} is not accepted: {what}")
+    return items
+
+
+def check_overrides(overrides: Iterable[str]) -> None:
+    """What argparse left over must be Hydra overrides (key=value)."""
+    if bad := [o for o in overrides if not o.partition("=")[1] or o.startswith("-")]:
+        raise ConfigError(f"unknown argument(s) {bad}: options start with --, overrides are key=value")
+
+
+def write_part(prefix: Path, part: str, result: dict, markdown: str) -> None:
+    """One benchmark part's results: ``<prefix>_<part>.json`` (everything) and ``.md`` (the table), also printed."""
+    out = Path(f"{prefix}_{part}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+    print(f"\n## {part}\n\n{markdown}", flush=True)
+
+
 def machine() -> dict[str, Any]:
     """Where a measurement ran and how loaded the machine was (load averages over 1, 5, 15 minutes)."""
     import torch

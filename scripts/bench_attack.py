@@ -22,7 +22,6 @@ Arguments key=value are Hydra overrides of configs/run.yaml for every VLM. Every
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import statistics
@@ -158,17 +157,13 @@ def main() -> None:
     p.add_argument("--sweep-vlm", default="tiny_llava")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "attack")
     args, overrides = p.parse_known_args()
-    args.parts = _list(args.parts, ("throughput", "cache"))
-    args.vlms = _list(args.vlms)
-    args.defenses = _list(args.defenses, ("none", "diffpure", "diffcap"))
-    try:
-        args.batches = sorted({int(b) for b in args.batches.split(",") if b})
-    except ValueError as e:
-        raise ConfigError(f"--batches={args.batches!r} is not accepted: a comma-separated list of integers") from e
+    args.parts = cost.comma_list("--parts", args.parts, allowed=("throughput", "cache"))
+    args.vlms = cost.comma_list("--vlms", args.vlms)
+    args.defenses = cost.comma_list("--defenses", args.defenses, allowed=("none", "diffpure", "diffcap"))
+    args.batches = sorted(set(cost.comma_list("--batches", args.batches, int)))
     if not args.batches or args.batches[0] < 1 or args.repeats < 1:
         raise ConfigError("--batches must list integers >= 1 and --repeats must be >= 1")
-    if bad := [o for o in overrides if not o.partition("=")[1] or o.startswith("-")]:
-        raise ConfigError(f"unknown argument(s) {bad}: options start with --, overrides are key=value")
+    cost.check_overrides(overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = ["n_samples=16", "batch_size=16", "attack.steps=10", *overrides]
     for part in args.parts:
@@ -185,19 +180,7 @@ def main() -> None:
             res = cache_saving(args, overrides)
         res = {"part": part, "overrides": overrides, "args": {k: v for k, v in vars(args).items() if k != "out"},
                "machine_before": before, **res, "machine_after": cost.machine()}
-        out = Path(f"{args.out}_{part}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-        out.with_suffix(".md").write_text(markdown(part, res))
-        print(f"\n## {part}\n\n{markdown(part, res)}", flush=True)
-
-
-def _list(text: str, allowed: tuple[str, ...] | None = None) -> list[str]:
-    items = [t for t in text.split(",") if t]
-    if not items or (allowed and any(i not in allowed for i in items)):
-        raise ConfigError(f"{text!r} is not accepted: a comma-separated list" +
-                          (f" of {', '.join(allowed)}" if allowed else ""))
-    return items
+        cost.write_part(args.out, part, res, markdown(part, res))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ results/bench/unit_costs.json.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -324,14 +323,6 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _list(kind, text: str, allowed=None) -> list:
-    items = [kind(t) for t in text.split(",") if t]
-    bad = [i for i in items if allowed is not None and i not in allowed]
-    if bad or not items:
-        raise ConfigError(f"{text!r} is not accepted: give a comma-separated list of {', '.join(map(str, allowed))}")
-    return items
-
-
 def main() -> None:
     p = cost.OneLineParser(description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="main,scaling,options")
@@ -351,16 +342,16 @@ def main() -> None:
     p.add_argument("--task", default="captioning")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "purifiers")
     args, overrides = p.parse_known_args()
-    args.parts = _list(str, args.parts, ("main", "scaling", "options"))
-    args.samplers = _list(str, args.samplers, SAMPLERS)
-    args.scaling = _list(int, args.scaling)
-    args.options = list(OPTIONS) if args.options == "all" else _list(str, args.options, tuple(OPTIONS))
+    args.parts = cost.comma_list("--parts", args.parts, allowed=("main", "scaling", "options"))
+    args.samplers = cost.comma_list("--samplers", args.samplers, allowed=SAMPLERS)
+    args.scaling = cost.comma_list("--scaling", args.scaling, int)
+    args.options = list(OPTIONS) if args.options == "all" else cost.comma_list("--options", args.options,
+                                                                              allowed=OPTIONS)
     if min(args.repeats, args.unit_repeats, args.scaling_repeats, *args.scaling, args.images or 1) < 1:
         raise ConfigError("--repeats, --unit-repeats, --scaling-repeats, --scaling and --images must be >= 1")
     if not 0 < args.tau < 1:
         raise ConfigError(f"--tau={args.tau} is not accepted: a number in (0, 1)")
-    if bad := [o for o in overrides if not o.partition("=")[1] or o.startswith("-")]:
-        raise ConfigError(f"unknown argument(s) {bad}: options start with --, overrides are key=value")
+    cost.check_overrides(overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = ["attack=apgd", "n_samples=16", "batch_size=16", f"tasks=[{args.task}]", *overrides]
     before = cost.machine()
@@ -370,11 +361,7 @@ def main() -> None:
                "tau": args.tau, "machine_before": before,
                **{"main": part_main, "scaling": part_scaling, "options": part_options}[part](b),
                "machine_after": cost.machine()}
-        out = Path(f"{args.out}_{part}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-        out.with_suffix(".md").write_text(markdown(part, res))
-        print(f"\n## {part}\n\n{markdown(part, res)}", flush=True)
+        cost.write_part(args.out, part, res, markdown(part, res))
 
 
 if __name__ == "__main__":

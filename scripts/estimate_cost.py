@@ -267,8 +267,7 @@ def main() -> None:
     p.add_argument("--mark-missing", action="store_true", help="record the GPU units not measured yet")
     p.add_argument("--json", type=Path, help="also write the result here")
     args, overrides = p.parse_known_args()
-    if bad := [o for o in overrides if not o.partition("=")[1] or o.startswith("-")]:
-        raise ConfigError(f"unknown argument(s) {bad}: options start with --, overrides are key=value")
+    cost.check_overrides(overrides)
     if args.diffcap_t is not None and not 0 <= args.diffcap_t <= 1:
         raise ConfigError(f"--diffcap-t={args.diffcap_t} is not accepted: a diffusion time in [0, 1]")
     if args.batch < 1 or args.repeats < 1:

@@ -122,6 +122,9 @@ def test_real_size_builders_run_on_tiny_configs():
     ("estimate_cost", ["--sweep", "vlm=tiny_llava"], "--sweep needs experiment="),
     ("benchmark_purifiers", ["--samplers", "ddim,foo"], "is not accepted"),
     ("benchmark_purifiers", ["--tau", "1.5"], "--tau=1.5 is not accepted"),
+    ("benchmark_purifiers", ["--scaling", "1,x"], "--scaling='1,x' is not accepted: a comma-separated list of int"),
+    ("benchmark_purifiers", ["--scaling", ","], "--scaling=',' is not accepted"),
+    ("benchmark_purifiers", ["--samplers", "sde", "--x"], "unknown argument(s) ['--x']"),
     ("bench_attack", ["--batches", "1,x"], "--batches='1,x' is not accepted"),
     ("bench_attack", ["stray"], "unknown argument(s) ['stray']"),
 ])
