@@ -231,7 +231,9 @@ def counts_from_config(cfg: DictConfig, task: str, diffcap_t: float | None) -> C
                        "(pass --diffcap-t or --counts)")
         c.denoiser_eval = c.encoder_eval = float("nan")
     else:
-        moves = round(diffcap_t * 1000 / int(cfg.defense.step))
+        from diffcap.schedule import LINEAR  # the schedule the samplers' num_evals count on, as here
+
+        moves = round(int(LINEAR.steps(diffcap_t)) / int(cfg.defense.step))
         c.denoiser_eval = conditions * draws * int(sampler.num_evals([diffcap_t])[0])
         c.encoder_eval = conditions * draws * (1 + moves // int(cfg.defense.check_every))
         c.notes.append(f"DiffCAP assumed to stop at t = {diffcap_t} for every image")
