@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -173,8 +174,6 @@ def train_openflamingo(train: dict[str, Any], bpe, folder: Path, steps: int, bat
     learned latents start as N(0, latent_std^2) (package: 1); with 1 its output hardly depends on the image at
     the start (7 % of its variance is across images), with 0.02 a quarter of it is. ``start_from``: a saved
     tiny OpenFlamingo folder to continue training (a second stage; the initialisation options are ignored)."""
-    import shutil
-
     folder.mkdir(parents=True, exist_ok=True)
     if start_from is not None:
         shutil.copytree(start_from, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("SHA256SUMS"))
