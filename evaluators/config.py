@@ -146,6 +146,7 @@ CHECKS: dict[str, Check] = {
     "defense.inference_mode": BOOL, "defense.encoder_autocast": Check("enum", choices=("bfloat16", "float16"), optional=True),
     "defense.compile_encoder": BOOL, "defense.reuse_embedding": BOOL,
     "defense.reverse_grouping": Check("enum", choices=("rounds", "start", "image")),
+    "vlm.attention": Check("enum", choices=("einsum", "sdpa")),
 }
 
 

@@ -11,10 +11,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 from open_flamingo.src.factory import create_model_and_transforms
 from open_flamingo.train.train_utils import filter_state_dict_to_trainable
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM, PreTrainedTokenizerFast
 
@@ -121,3 +123,17 @@ def build(root: Path, kind: str = "llama") -> TinyFlamingo:
     torch.save({k: v for k, v in state.items() if not k.startswith("lang_encoder.lm_head.")}, published)
     return TinyFlamingo(root, vision_json, vision_weights, lm, trained, training, whole, published, model.eval(),
                         image_processor, tokenizer)
+
+
+def images(n: int = 2) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (200 + 40 * i, 300, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def package_inputs(tiny: TinyFlamingo, ims: list[Image.Image], texts: list[str], side: str) -> tuple:
+    """What open_flamingo's evaluation feeds its model: its image processor (normalisation included) and the
+    tokenizer padded on ``side``."""
+    vision_x = torch.stack([tiny.image_processor(im) for im in ims])[:, None, None]
+    tiny.tokenizer.padding_side = side
+    enc = tiny.tokenizer(texts, padding="longest", return_tensors="pt")
+    return vision_x, enc["input_ids"], enc["attention_mask"]

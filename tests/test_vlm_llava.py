@@ -20,7 +20,7 @@ from PIL import Image
 from evaluators.config import CONFIG_DIR, compose_config
 from evaluators.errors import ConfigError
 from evaluators.tasks.prompting import TaskPrompts
-from evaluators.vlms.base import CheckpointError, Turn
+from evaluators.vlms.base import CheckpointError, TokenIds, Turn
 from evaluators.vlms.llava import LlavaVLM
 from evaluators.vlms.pixels import pad_to_square
 from tests.tiny_checkpoints import make_tiny_llava
@@ -77,6 +77,41 @@ def test_token_ids_equal_the_processors_own(vlm):
     ref = vlm.processor(text=prompt, images=_images()[0], return_tensors="pt")["input_ids"][0].tolist()
     assert vlm._encode(prompt) == ref
     assert ref.count(vlm.model.config.image_token_index) == vlm.n_image_tokens == 16  # (56 / 14)^2, CLS dropped
+
+
+def test_an_attack_tokenises_each_text_once(vlm, monkeypatch):
+    """APGD calls the loss with the same prompts and targets at every step: their ids are memoised."""
+    calls = []
+    tokenizer = vlm.tokenizer
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, *args, **kwargs):
+            calls.append(text)
+            return tokenizer(text, *args, **kwargs)
+
+    monkeypatch.setattr(vlm, "tokenizer", Counting())
+    x = vlm.to_pixels(_images())
+    prompts = ["USER: <image>\nWhat is it? ASSISTANT:", "USER: <image>\nDescribe it. ASSISTANT:"]
+    first = vlm.loss(x, prompts, ["a big red square", "a circle"])
+    n = len(calls)
+    assert n == 4  # two prompts, two prompt + target texts
+    for _ in range(2):
+        torch.testing.assert_close(vlm.loss(x, prompts, ["a big red square", "a circle"]), first, rtol=0, atol=0)
+    assert len(calls) == n
+
+
+def test_token_ids_memo_is_bounded_and_read_only():
+    seen = []
+    ids = TokenIds(lambda text: seen.append(text) or [len(text), 7], maxsize=2)
+    assert ids("ab") == (2, 7) and ids("abc") == (3, 7) and ids("ab") == (2, 7) and seen == ["ab", "abc"]
+    ids("abcd")  # full: the oldest text ("ab") is forgotten
+    assert ids("abc") == (3, 7) and seen == ["ab", "abc", "abcd"]
+    assert ids("ab") == (2, 7) and seen == ["ab", "abc", "abcd", "ab"]
+    with pytest.raises(ValueError, match="maxsize"):
+        TokenIds(len, maxsize=0)
 
 
 def test_pixels_pad_with_the_mean_colour_then_the_processor(vlm):

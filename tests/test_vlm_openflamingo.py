@@ -9,18 +9,16 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from open_flamingo.eval.coco_metric import postprocess_captioning_generation
 from open_flamingo.eval.vqa_metric import postprocess_vqa_generation
 from open_flamingo.src.factory import create_model_and_transforms
-from PIL import Image
 
 from evaluators.errors import ConfigError, HarnessError
 from evaluators.vlms.base import Turn
 from evaluators.vlms.openflamingo import OpenFlamingoVLM
-from tests.openflamingo_tiny import TinyFlamingo, build
+from tests.openflamingo_tiny import TinyFlamingo, build, images, package_inputs
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -36,20 +34,6 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture(scope="module")
 def vlm(tiny: TinyFlamingo) -> OpenFlamingoVLM:
     return OpenFlamingoVLM.from_pretrained(**tiny.kwargs())
-
-
-def images(n: int = 2) -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (200 + 40 * i, 300, 3), dtype=np.uint8)) for i in range(n)]
-
-
-def package_inputs(tiny: TinyFlamingo, ims: list[Image.Image], texts: list[str], side: str) -> tuple:
-    """What open_flamingo's evaluation feeds its model: its image processor (normalisation included) and the
-    tokenizer padded on ``side``."""
-    vision_x = torch.stack([tiny.image_processor(im) for im in ims])[:, None, None]
-    tiny.tokenizer.padding_side = side
-    enc = tiny.tokenizer(texts, padding="longest", return_tensors="pt")
-    return vision_x, enc["input_ids"], enc["attention_mask"]
 
 
 @pytest.mark.parametrize("which", ["trained_ckpt", "training_ckpt", "whole_ckpt", "published_ckpt"])

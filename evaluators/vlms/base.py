@@ -112,6 +112,41 @@ def check_batch(x: torch.Tensor, resolution: int, *lists: Sequence[Any]) -> None
             raise ValueError(f"{x.shape[0]} images but {len(seq)} prompts/targets")
 
 
+class TokenIds:
+    """The token ids of a text, memoised: an attack's loss tokenises the same prompts and targets at every step,
+    and a text's ids depend only on the text and the adapter's tokenizer, fixed once loaded. ``encode`` maps one
+    text to its ids; the ids come back as a tuple, so no caller can change what the memo holds."""
+
+    def __init__(self, encode: Callable[[str], Sequence[int]], maxsize: int = 16384) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be at least 1, got {maxsize}")
+        self.encode, self.maxsize = encode, int(maxsize)
+        self._memo: dict[str, tuple[int, ...]] = {}
+
+    def __call__(self, text: str) -> tuple[int, ...]:
+        ids = self._memo.get(text)
+        if ids is None:
+            ids = tuple(int(i) for i in self.encode(text))
+            if len(self._memo) >= self.maxsize:  # forget the oldest text
+                del self._memo[next(iter(self._memo))]
+            self._memo[text] = ids
+        return ids
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, left: bool,
+              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), each (B, longest): the sequences padded with ``pad_id`` on the left (generation
+    continues every row from its last column) or on the right (losses)."""
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), int(pad_id), dtype=torch.long)
+    mask = torch.zeros(len(seqs), t, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(t - len(s), t) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
 class ClassEmbeddings:
     """Zero-shot class embeddings, cached per (classnames, templates): per class, the normalised mean of its
     normalised template embeddings (CLIP's recipe). ``encode_text`` maps strings to (N, D) features; it is called on

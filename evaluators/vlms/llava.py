@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from evaluators.errors import ConfigError
-from evaluators.vlms.base import VLM, CheckpointError, Turn, check_batch
+from evaluators.vlms.base import VLM, CheckpointError, TokenIds, Turn, check_batch, pad_batch
 from evaluators.vlms.checkpoints import (
     HF_WEIGHTS,
     has_chat_template,
@@ -95,6 +95,7 @@ class LlavaVLM(VLM):
         self.n_image_tokens = (vc.image_size // vc.patch_size) ** 2 + int(full)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._token_ids = TokenIds(self._tokenize)
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -185,21 +186,18 @@ class LlavaVLM(VLM):
         template = self.processor.chat_template or self.tokenizer.chat_template
         return self.processor.apply_chat_template(conversation, chat_template=template, add_generation_prompt=open_turn)
 
-    def _encode(self, text: str) -> list[int]:
+    def _tokenize(self, text: str) -> list[int]:
         if text.count(self.image_token) != 1:
             raise ValueError(f"a LLaVA prompt must hold exactly one {self.image_token}: {text!r}")
         expanded = text.replace(self.image_token, self.image_token * self.n_image_tokens)
         return list(self.tokenizer(expanded, add_special_tokens=True)["input_ids"])
 
+    def _encode(self, text: str) -> list[int]:
+        """The ids of a prompt (``<image>`` expanded to the image tokens), memoised (``TokenIds``)."""
+        return list(self._token_ids(text))
+
     def _batch(self, seqs: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        t = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), t), int(self.tokenizer.pad_token_id), dtype=torch.long)
-        mask = torch.zeros(len(seqs), t, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            sl = slice(t - len(s), t) if left else slice(0, len(s))
-            ids[i, sl] = torch.tensor(s)
-            mask[i, sl] = 1
-        return ids.to(self.device), mask.to(self.device)
+        return pad_batch(seqs, int(self.tokenizer.pad_token_id), left, self.device)
 
     def target_ids(self, prompt: str, target: str) -> tuple[list[int], int]:
         """(ids of prompt + " " + target + </s>, number of prompt ids): the target as the model answers it."""

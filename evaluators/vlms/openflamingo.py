@@ -9,6 +9,10 @@ for safety, and both made without editing it:
 * the factory passes ``trust_remote_code=True`` to transformers; here the flag is ``vlm.trust_remote_code``
   (default false). OpenFlamingo-9B's MPT-7B then loads with transformers' native ``MptForCausalLM``, whose
   parameter names match the checkpoint's.
+
+A speed option, the same function: ``vlm.attention=sdpa`` (default) swaps the classes of the perceiver's and the
+cross-attention's attention blocks for ones that call PyTorch's scaled-dot-product attention
+(``openflamingo_attention``); ``einsum`` keeps the package's own.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from evaluators.errors import ConfigError
-from evaluators.vlms.base import VLM, CheckpointError, Turn, check_batch
+from evaluators.vlms.base import VLM, CheckpointError, TokenIds, Turn, check_batch, pad_batch
 from evaluators.vlms.checkpoints import HF_WEIGHTS, parse_dtype, require_files, resolve_folder
+from evaluators.vlms.openflamingo_attention import ATTENTION, set_attention
 
 MEDIA = "<image>"
 END_OF_CHUNK = "<|endofchunk|>"
@@ -201,6 +206,7 @@ class OpenFlamingoVLM(VLM):
         model.__class__ = _PixelGradFlamingo
         self.model = model
         self.tokenizer = tokenizer
+        self._token_ids = TokenIds(self._text_ids)
         self.embed_output = embed
         steps = list(image_processor.transforms)
         norm = next(s for s in steps if isinstance(s, T.Normalize))
@@ -213,7 +219,7 @@ class OpenFlamingoVLM(VLM):
     def from_pretrained(cls, *, clip_vision_encoder_path: str, clip_vision_encoder_pretrained: str | None,
                         lang_encoder_path: str, tokenizer_path: str, cross_attn_every_n_layers: int,
                         checkpoint: str, resolution: int | None = None, trust_remote_code: bool = False,
-                        dtype: str = "fp32", embed: str = "pooled") -> OpenFlamingoVLM:
+                        dtype: str = "fp32", embed: str = "pooled", attention: str = "sdpa") -> OpenFlamingoVLM:
         """Build with open_flamingo's factory and load ``checkpoint`` (trained weights only, or the whole
         model). Every file is checked before anything heavy loads."""
         import open_clip
@@ -221,6 +227,8 @@ class OpenFlamingoVLM(VLM):
         torch_dtype = parse_dtype(dtype, "vlm.dtype")
         if embed not in EMBED_OUTPUTS:
             raise ConfigError(f"vlm.embed must be one of {list(EMBED_OUTPUTS)}, got {embed!r}")
+        if attention not in ATTENTION:
+            raise ConfigError(f"vlm.attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
         name = _vision_encoder_name(str(clip_vision_encoder_path))
         size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
         if resolution is not None and int(resolution) != size:
@@ -244,6 +252,7 @@ class OpenFlamingoVLM(VLM):
                                   "runs only with vlm.trust_remote_code=true") from None
             raise
         _load_weights(model, state, vision_pretrained=pretrained is not None)
+        set_attention(model, attention)
         return cls(model.to(torch_dtype), image_processor, tokenizer, embed=embed).eval().requires_grad_(False)
 
     @property
@@ -275,10 +284,14 @@ class OpenFlamingoVLM(VLM):
     def format_prompt(self, turns: Sequence[Turn]) -> str:
         return format_turns(turns)
 
+    def _text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
     def _tokenize(self, texts: Sequence[str], side: str) -> tuple[torch.Tensor, torch.Tensor]:
-        self.tokenizer.padding_side = side
-        enc = self.tokenizer(list(texts), padding="longest", return_tensors="pt")
-        return enc["input_ids"].to(self.mean.device), enc["attention_mask"].to(self.mean.device)
+        """(ids, attention mask) of the texts padded to the longest on ``side``, as the tokenizer's own batch
+        call pads them; each text's ids are memoised (``TokenIds``)."""
+        return pad_batch([self._token_ids(t) for t in texts], int(self.tokenizer.pad_token_id), side == "left",
+                         self.mean.device)
 
     @torch.no_grad()
     def generate(self, x: torch.Tensor, prompts: Sequence[str], **decoding: object) -> list[str]:
@@ -297,8 +310,8 @@ class OpenFlamingoVLM(VLM):
         ids, mask = self._tokenize([p + t + END_OF_CHUNK for p, t in zip(prompts, targets, strict=True)], "right")
         is_target = torch.zeros_like(mask, dtype=torch.bool)
         for i, prompt in enumerate(prompts):
-            head = self.tokenizer(prompt)["input_ids"]
-            if ids[i, : len(head)].tolist() != list(head):
+            head = self._token_ids(prompt)
+            if tuple(ids[i, : len(head)].tolist()) != head:
                 raise ValueError(f"prompt {prompt!r} does not tokenise to a prefix of prompt+target")
             is_target[i, len(head):] = mask[i, len(head):].bool()
         logits = self.model(vision_x=vision_x, lang_x=ids, attention_mask=mask).logits
