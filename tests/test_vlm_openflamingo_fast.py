@@ -112,20 +112,25 @@ def test_masked_cross_attention_equals_the_packages(immediate: bool, cached: boo
 
 def test_the_option_swaps_every_block_and_keeps_the_function(tiny: TinyFlamingo, vlm: OpenFlamingoVLM) -> None:
     blocks = [m for m in vlm.model.modules() if isinstance(m, PerceiverAttention | MaskedCrossAttention)]
-    assert blocks and all(type(m) in (SdpaPerceiverAttention, SdpaMaskedCrossAttention) for m in blocks)
+    assert blocks and all(type(m) in (PerceiverAttention, MaskedCrossAttention) for m in blocks)  # the default
     x = vlm.to_pixels(images(2)).requires_grad_(True)
     prompts, targets = ["Output:a cat<|endofchunk|>\n" + CAPTION, VQA], ["a red circle", "red"]
-    fast = vlm.loss(x, prompts, targets)
-    (g_fast,) = torch.autograd.grad(fast.sum(), x)
-    set_attention(vlm.model, "einsum")
+    slow = vlm.loss(x, prompts, targets)
+    (g_slow,) = torch.autograd.grad(slow.sum(), x)
+    set_attention(vlm.model, "sdpa")
     try:
-        assert all(type(m) in (PerceiverAttention, MaskedCrossAttention) for m in blocks)
-        slow = vlm.loss(x, prompts, targets)
-        (g_slow,) = torch.autograd.grad(slow.sum(), x)
+        assert all(type(m) in (SdpaPerceiverAttention, SdpaMaskedCrossAttention) for m in blocks)
+        fast = vlm.loss(x, prompts, targets)
+        (g_fast,) = torch.autograd.grad(fast.sum(), x)
     finally:
-        set_attention(vlm.model, "sdpa")
+        set_attention(vlm.model, "einsum")
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
     # float32 rounding differs element by element; the pixel gradient as a whole agrees to 1e-5
     assert float((g_fast - g_slow).norm() / g_slow.norm()) < 1e-5
+    sdpa = OpenFlamingoVLM.from_pretrained(**tiny.kwargs(attention="sdpa"))
+    assert any(isinstance(m, SdpaPerceiverAttention) for m in sdpa.modules())
+    torch.testing.assert_close(sdpa.loss(x.detach(), prompts, targets), slow.detach(), rtol=1e-5, atol=1e-6)
+    decoding = dict(num_beams=2, max_new_tokens=5, min_new_tokens=2)  # generation reads the cached media
+    assert sdpa.generate(x.detach(), prompts, **decoding) == vlm.generate(x.detach(), prompts, **decoding)
     with pytest.raises(ConfigError, match="vlm.attention must be one of einsum, sdpa"):
         OpenFlamingoVLM.from_pretrained(**tiny.kwargs(attention="flash"))

@@ -10,9 +10,9 @@ for safety, and both made without editing it:
   (default false). OpenFlamingo-9B's MPT-7B then loads with transformers' native ``MptForCausalLM``, whose
   parameter names match the checkpoint's.
 
-A speed option, the same function: ``vlm.attention=sdpa`` (default) swaps the classes of the perceiver's and the
+A speed option, the same function: ``vlm.attention=sdpa`` (default ``einsum``, the package's code) swaps the classes of the perceiver's and the
 cross-attention's attention blocks for ones that call PyTorch's scaled-dot-product attention
-(``openflamingo_attention``); ``einsum`` keeps the package's own.
+(``openflamingo_attention``).
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ class OpenFlamingoVLM(VLM):
     def from_pretrained(cls, *, clip_vision_encoder_path: str, clip_vision_encoder_pretrained: str | None,
                         lang_encoder_path: str, tokenizer_path: str, cross_attn_every_n_layers: int,
                         checkpoint: str, resolution: int | None = None, trust_remote_code: bool = False,
-                        dtype: str = "fp32", embed: str = "pooled", attention: str = "sdpa") -> OpenFlamingoVLM:
+                        dtype: str = "fp32", embed: str = "pooled", attention: str = "einsum") -> OpenFlamingoVLM:
         """Build with open_flamingo's factory and load ``checkpoint`` (trained weights only, or the whole
         model). Every file is checked before anything heavy loads."""
         import open_clip

@@ -4,13 +4,15 @@
 open_flamingo writes the perceiver's and the gated cross-attention's attention as einsums over rearranged
 (b, h, t, n, d) views, with ``to_kv(...).chunk(2)``: each call copies q, k and v into bmm layouts, keeps the full
 similarity matrix, subtracts its row maximum in a separate pass, and the backward pass concatenates the k and v
-gradients again. On the CPU these copies grow with the batch and cost about a fifth of a batched APGD step of
-the tiny OpenFlamingo (README "Performance"). The same function here: k and v from the two halves of ``to_kv``'s
+gradients again (about a fifth of a batched APGD step of the tiny OpenFlamingo on the CPU, profiled). The same
+function here: k and v from the two halves of ``to_kv``'s
 weight, the softmax scale folded into ``to_q``'s weight, one ``F.scaled_dot_product_attention`` call. Outputs
 and gradients equal the package's within float32 rounding (tests/test_vlm_openflamingo.py), the masked
 cross-attention's edge cases included: text before any image gets zero output when only the immediate image is
 attended (the package zeroes it), and a text token with no image it may attend to gets the uniform average of
 the values with no gradient to its query (what the package's fill with the most negative float gives).
+Off by default: on the project's CPU it was faster at batch 1 but not in every repeat at batch 16 (README
+"Performance"); a GPU has not measured it yet.
 """
 
 from __future__ import annotations
