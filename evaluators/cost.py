@@ -18,7 +18,8 @@ import datetime as dt
 import json
 import os
 import platform
-from collections.abc import Iterable, Mapping
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,17 @@ def comma_list(option: str, text: str, kind: type = str, allowed: Iterable[objec
     if not items or (allowed and any(i not in allowed for i in items)):
         raise ConfigError(f"{option}={text!r} is not accepted: {what}")
     return items
+
+
+#: a speed option goes on by default only if at least this much faster (median of paired repeats), and faster in
+#: every repeat (``faster``); the performance scripts share the rule
+MIN_GAIN = 1.03
+
+
+def faster(gains: Sequence[float]) -> bool:
+    """The timing half of the rule for keeping a speed option: ``gains`` (default time / option time, one per
+    paired repeat) have a median of at least ``MIN_GAIN`` and all exceed 1."""
+    return bool(gains) and statistics.median(gains) >= MIN_GAIN and min(gains) > 1
 
 
 def check_overrides(overrides: Iterable[str]) -> None:

@@ -1,10 +1,11 @@
 """Attack benchmark: APGD steps per second for each VLM adapter, batched against one image at a time (RobustVLM
-attacks one image at a time), with peak memory; and the adversarial cache's saving in a defense sweep.
+attacks one image at a time), with peak memory; the VLM adapters' speed options against their defaults; and the
+adversarial cache's saving in a defense sweep.
 
     python scripts/bench_attack.py n_samples=16 attack.steps=10
     python scripts/bench_attack.py --vlms tiny_clip --parts throughput --batches 1,4,16
 
-Parts (``--parts``, default both):
+Parts (``--parts``, default throughput and cache):
   throughput  per VLM (``--vlms``, each on its first task: captioning, or zero-shot classification for CLIP):
               the first stage of the task's attack objective (the loss the runner's attack maximises) run by
               the configured APGD on ``n_samples`` clean images, at each ``--batches`` batch size; image-steps
@@ -13,6 +14,9 @@ Parts (``--parts``, default both):
   cache       a defense sweep (``--defenses``) through the runner's ``run`` in fresh folders, once reading the
               adversarial cache (the first job attacks, the others hit) and once with attack.from_cache=false;
               the saving is 1 - time with cache / time without.
+  options     per VLM whose config has the option: each of ``VLM_OPTIONS`` against the default, in one process,
+              APGD at each batch size alternating default and option; the relative change of the losses and of
+              the pixel gradient on the clean images; kept only when within tolerance and faster in every repeat.
 
 Arguments key=value are Hydra overrides of configs/run.yaml for every VLM. Everything is built by the runner's
 ``build`` (VLM, task, attack); the clean images come through ``clean_and_adversarial``. Writes
@@ -28,6 +32,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
@@ -41,6 +46,10 @@ from evaluators.seeding import derive_seed, generators
 
 log = logging.getLogger("bench_attack")
 VLMS = ("tiny_llava", "tiny_openflamingo", "tiny_clip")
+#: speed options of the VLM adapters (config overrides), measured on each VLM whose config has the key
+VLM_OPTIONS = ("vlm.attention=sdpa",)
+#: an option computes the same function if no per-sample loss and not the pixel gradient move by more than this
+LOSS_TOLERANCE = 1e-5
 
 
 def time_apgd(apgd, loss, x: torch.Tensor, seeds: list[int], batch: int, device) -> float:
@@ -54,7 +63,8 @@ def time_apgd(apgd, loss, x: torch.Tensor, seeds: list[int], batch: int, device)
     return time.perf_counter() - tic
 
 
-def throughput(vlm: str, args, overrides: list[str]) -> tuple[list[dict], list[cost.Unit]]:
+def setup(vlm: str, overrides: list[str]) -> SimpleNamespace:
+    """The runner's harness for ``vlm`` on its first task, the clean images, and the first APGD stage."""
     cfg = compose_config([f"vlm={vlm}", "attack=apgd", "defense=none", *overrides])
     if not cfg.tasks:  # the VLM's first task only (building the others would only cost time)
         cfg = compose_config([f"vlm={vlm}", "attack=apgd", "defense=none", *overrides,
@@ -67,8 +77,15 @@ def throughput(vlm: str, args, overrides: list[str]) -> tuple[list[dict], list[c
     objective = task.objective(h.vlm, samples, cfg.attack.schedule, x_clean=x,
                                protocol=None if protocol is None else OmegaConf.to_container(protocol))
     stage = objective.stages[0]
-    apgd = h.attack.stage_attack(stage)
     seeds = [derive_seed(cfg.seed.noise, "bench_attack", s["id"]) for s in samples]
+    return SimpleNamespace(cfg=cfg, h=h, task_name=task_name, task=task, device=device, samples=samples, x=x,
+                           stage=stage, apgd=h.attack.stage_attack(stage), seeds=seeds)
+
+
+def throughput(vlm: str, args, overrides: list[str]) -> tuple[list[dict], list[cost.Unit]]:
+    bench = setup(vlm, overrides)
+    cfg, h, task_name, task, device = bench.cfg, bench.h, bench.task_name, bench.task, bench.device
+    samples, x, stage, apgd, seeds = bench.samples, bench.x, bench.stage, bench.apgd, bench.seeds
     n, steps = x.shape[0], apgd.steps
     time_apgd(apgd, stage.loss, x[: min(args.batches)], seeds, min(args.batches), device)  # warm-up
     rows, times = [], {b: [] for b in args.batches}
@@ -99,6 +116,50 @@ def throughput(vlm: str, args, overrides: list[str]) -> tuple[list[dict], list[c
     units.append(cost.Unit(vlm, "vlm_predict", precision, device.type, min(big, n), predict / min(big, n),
                            source=f"scripts/bench_attack.py ({task_name} predictions)", machine=mach))
     return rows, units
+
+
+def loss_change(a: SimpleNamespace, b: SimpleNamespace) -> tuple[float, float]:
+    """(largest relative change of a per-sample loss, relative change of the pixel gradient) between two
+    setups of the same VLM on the same clean images: the same function within float rounding, or not."""
+    out = []
+    for s in (a, b):
+        x = s.x.detach().clone().requires_grad_(True)
+        loss = s.stage.loss(x, torch.arange(x.shape[0], device=x.device))
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        out.append((loss.detach(), grad))
+    (la, ga), (lb, gb) = out
+    return float((la - lb).abs().max() / la.abs().max()), float((ga - gb).norm() / ga.norm())
+
+
+def options(vlm: str, args, overrides: list[str]) -> list[dict]:
+    """Each VLM speed option (``VLM_OPTIONS``) the VLM's config has, against its default, in one process: APGD
+    runs at each batch size alternating default and option (paired repeats), and the change of the losses and
+    of the pixel gradient. Kept (default on) = within ``LOSS_TOLERANCE`` and faster by the shared rule."""
+    rows = []
+    base = setup(vlm, overrides)
+    for name in VLM_OPTIONS:
+        key, value = name.split("=", 1)
+        default = OmegaConf.select(base.cfg, key)
+        if default is None or str(default).lower() == value.lower():
+            continue  # this VLM has no such option, or it is on already
+        alt = setup(vlm, [*overrides, name])
+        loss_rel, grad_rel = loss_change(base, alt)
+        for b in args.batches:
+            for s in (base, alt):  # warm-up
+                time_apgd(s.apgd, s.stage.loss, s.x[:b], s.seeds, b, s.device)
+            secs: dict[str, list[float]] = {"default": [], "option": []}
+            for r in range(args.repeats):
+                pair = [(base, "default"), (alt, "option")] if r % 2 == 0 else [(alt, "option"), (base, "default")]
+                for s, tag in pair:
+                    secs[tag].append(time_apgd(s.apgd, s.stage.loss, s.x, s.seeds, b, s.device))
+            gains = [d / o for d, o in zip(secs["default"], secs["option"], strict=True)]
+            same = max(loss_rel, grad_rel) <= LOSS_TOLERANCE
+            rows.append({"vlm": vlm, "option": name, "default": str(default), "task": base.task_name,
+                         "images": base.x.shape[0], "batch": b, "steps": base.apgd.steps, "seconds": secs,
+                         "speedups": gains, "speedup": statistics.median(gains), "loss_change": loss_rel,
+                         "gradient_change": grad_rel, "tolerance": LOSS_TOLERANCE, "within_tolerance": same,
+                         "kept": same and cost.faster(gains)})
+    return rows
 
 
 def cache_saving(args, overrides: list[str]) -> dict:
@@ -135,6 +196,14 @@ def markdown(part: str, res: dict) -> str:
             mem = "-" if r["peak_mib"] is None else f"{r['peak_mib'] - (r['base_mib'] or 0):.0f}"
             lines.append(f"| {r['vlm']} | {r['task']} | {r['batch']} | {r['image_steps_per_second']:.2f} | "
                          f"{r['throughput_over_smallest_batch']:.2f} | {mem} | {r['memory_kind']} |")
+    elif part == "options":
+        lines = ["| vlm | option (default) | batch | speed-up (median) | speed-ups per repeat | loss change | "
+                 "gradient change | kept |", "|" + " --- |" * 8]
+        for r in res["rows"]:
+            lines.append(f"| {r['vlm']} | {r['option']} ({r['default']}) | {r['batch']} | {r['speedup']:.3f} | "
+                         + ", ".join(f"{g:.2f}" for g in r["speedups"]) + f" | {r['loss_change']:.1e} | "
+                         f"{r['gradient_change']:.1e} | {'yes' if r['kept'] else 'no'} |")
+        lines += ["", res["rule"]]
     else:
         lines = ["| sweep | " + " | ".join(res["defenses"]) + " | recorded total (s) | wall total (s) |",
                  "|" + " --- |" * (len(res["defenses"]) + 3)]
@@ -157,7 +226,7 @@ def main() -> None:
     p.add_argument("--sweep-vlm", default="tiny_llava")
     p.add_argument("--out", type=Path, default=PROJECT_ROOT / "results" / "bench" / "attack")
     args, overrides = p.parse_known_args()
-    args.parts = cost.comma_list("--parts", args.parts, allowed=("throughput", "cache"))
+    args.parts = cost.comma_list("--parts", args.parts, allowed=("throughput", "cache", "options"))
     args.vlms = cost.comma_list("--vlms", args.vlms)
     args.defenses = cost.comma_list("--defenses", args.defenses, allowed=("none", "diffpure", "diffcap"))
     args.batches = sorted(set(cost.comma_list("--batches", args.batches, int)))
@@ -176,6 +245,13 @@ def main() -> None:
                 units += u
             cost.write_units(PROJECT_ROOT / "results" / "bench" / "unit_costs.json", units)
             res = {"rows": rows}
+        elif part == "options":
+            res = {"rows": [r for vlm in args.vlms for r in options(vlm, args, overrides)],
+                   "rule": f"Kept (default on) = losses and pixel gradient within {LOSS_TOLERANCE:g} (relative) and "
+                           f"at least {cost.MIN_GAIN}x faster (median of paired repeats; faster in every repeat) at "
+                           "every batch size."}
+            for r in res["rows"]:
+                r["kept"] = all(q["kept"] for q in res["rows"] if q["vlm"] == r["vlm"] and q["option"] == r["option"])
         else:
             res = cache_saving(args, overrides)
         res = {"part": part, "overrides": overrides, "args": {k: v for k, v in vars(args).items() if k != "out"},

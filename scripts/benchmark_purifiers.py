@@ -56,7 +56,6 @@ OPTIONS = {
 }
 #: largest change of a purified pixel ([0, 1] units) for each tolerance class; DiffCAP's stopping times must not move
 TOLERANCE = {"exact": 1e-4, "precision": 1.0 / 255}
-MIN_GAIN = 1.03  # an option is kept only if it is at least this much faster (median over repeats)
 #: ... and only if its one-time cost (compilation) is repaid within this many purified images
 PAYBACK_IMAGES = 1000
 
@@ -276,11 +275,11 @@ def part_options(b: Bench) -> dict:
                          "tolerance": TOLERANCE[tol_class], "within_tolerance": ok,
                          "warmup_seconds": warm, "one_time_seconds": one_time, "payback_images": payback,
                          "same_calls_as_default": same_calls,
-                         "kept": ok and tol_class == "exact" and gain >= MIN_GAIN and min(gains) > 1
+                         "kept": ok and tol_class == "exact" and cost.faster(gains)
                          and payback is not None and payback <= PAYBACK_IMAGES and not same_calls})
-    return {"rows": rows, "min_gain": MIN_GAIN, "tolerance": TOLERANCE, "payback_images": PAYBACK_IMAGES,
+    return {"rows": rows, "min_gain": cost.MIN_GAIN, "tolerance": TOLERANCE, "payback_images": PAYBACK_IMAGES,
             "rule": "kept (default on) = same function within the exact tolerance, stopping times unchanged, at "
-                    f"least {MIN_GAIN}x faster (median; faster in every repeat), one-time cost repaid within "
+                    f"least {cost.MIN_GAIN}x faster (median; faster in every repeat), one-time cost repaid within "
                     f"{PAYBACK_IMAGES} images, and for a regrouping other calls than the default's on these images; "
                     "precision changes are never on by default"}
 

@@ -173,3 +173,33 @@ def test_counts_are_taken_from_the_matching_finished_run(tmp_path):
     assert ec.recorded_counts(tmp_path, cfg)["vqa"].vlm_fwd_bwd == 1 * (4 + 1)
     with pytest.raises(cost.DataError, match="no finished run of vlm=tiny_clip"):
         ec.recorded_counts(tmp_path, compose_config(["vlm=tiny_clip", "attack=apgd", "defense=diffpure"]))
+
+
+def test_the_keep_rule_needs_the_median_gain_and_every_repeat_faster():
+    assert cost.faster([1.05, 1.04, 1.10])
+    assert not cost.faster([1.05, 0.99, 1.10])  # slower once
+    assert not cost.faster([1.02, 1.01, 1.02])  # faster every time, but under MIN_GAIN
+    assert not cost.faster([])
+
+
+def test_bench_attack_options_measure_the_option_against_the_default(tmp_path, monkeypatch):
+    """One process, tiny OpenFlamingo, 2 images, 1 APGD step: the option's losses and gradient match the default's
+    and every repeat is timed for both."""
+    import bench_attack
+
+    from evaluators.errors import cli
+
+    out = tmp_path / "attack"
+    monkeypatch.setattr(sys, "argv", ["bench_attack.py", "--parts", "options", "--vlms", "tiny_openflamingo,tiny_llava",
+                                      "--batches", "1,2", "--repeats", "2", "--out", str(out), "n_samples=2",
+                                      "batch_size=2", "attack.steps=1", "attack.eps=4"])
+    cli(bench_attack.main)
+    res = json.loads((tmp_path / "attack_options.json").read_text())
+    rows = res["rows"]
+    assert [(r["vlm"], r["option"], r["batch"]) for r in rows] == [
+        ("tiny_openflamingo", "vlm.attention=sdpa", 1), ("tiny_openflamingo", "vlm.attention=sdpa", 2)]  # LLaVA: none
+    for r in rows:
+        assert r["default"] == "einsum" and len(r["speedups"]) == 2 and r["within_tolerance"]
+        assert r["loss_change"] < 1e-5 and 0 < r["gradient_change"] < 1e-5  # float rounding: two code paths ran
+        assert r["kept"] == (all(q["kept"] for q in rows))
+    assert "| tiny_openflamingo | vlm.attention=sdpa (einsum) | 1 |" in (tmp_path / "attack_options.md").read_text()
