@@ -30,6 +30,8 @@ from evaluators.errors import ConfigError, DataError
 from evaluators.vlms.checkpoints import parse_dtype
 
 KINDS = ("denoiser_eval", "encoder_eval", "vlm_fwd_bwd", "vlm_predict")
+#: the unit-cost table's file name; the benchmark scripts write it beside their results (``--out``'s folder)
+UNIT_FILE = "unit_costs.json"
 #: denoiser loaders -> architecture names of the unit-cost table
 DENOISER_ARCH = {"diffcap.denoisers.load_guided_diffusion": "guided_diffusion_256",
                  "diffcap.denoisers.load_shapes_denoiser": "shapes_denoiser"}

@@ -10,7 +10,8 @@ Parts (``--parts``, default throughput and cache):
               the first stage of the task's attack objective (the loss the runner's attack maximises) run by
               the configured APGD on ``n_samples`` clean images, at each ``--batches`` batch size; image-steps
               per second (images x steps / seconds), the ratio to the smallest batch, peak memory; and the
-              unit costs of one APGD step and one prediction per image (results/bench/unit_costs.json).
+              unit costs of one APGD step and one prediction per image (``unit_costs.json`` beside the
+              results: results/bench/unit_costs.json by default, the table the cost model reads).
   cache       a defense sweep (``--defenses``) through the runner's ``run`` in fresh folders, once reading the
               adversarial cache (the first job attacks, the others hit) and once with attack.from_cache=false;
               the saving is 1 - time with cache / time without.
@@ -243,7 +244,7 @@ def main() -> None:
                 r, u = throughput(vlm, args, overrides)
                 rows += r
                 units += u
-            cost.write_units(PROJECT_ROOT / "results" / "bench" / "unit_costs.json", units)
+            cost.write_units(args.out.parent / cost.UNIT_FILE, units)
             res = {"rows": rows}
         elif part == "options":
             res = {"rows": [r for vlm in args.vlms for r in options(vlm, args, overrides)],

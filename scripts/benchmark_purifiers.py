@@ -23,7 +23,7 @@ DiffCAP runs with ``--tau``, a threshold at which it walks and denoises (at the 
 stop every image at t = 0). Arguments key=value are Hydra overrides of configs/run.yaml; everything is built
 by the runner's ``build`` and ``build_defense``, the attacked images come from the harness's attack and cache.
 Writes <out>_<part>.json and .md (default results/bench/purifiers_*), and the measured unit costs to
-results/bench/unit_costs.json.
+``unit_costs.json`` beside them (results/bench/unit_costs.json by default, the table the cost model reads).
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def part_main(b: Bench) -> dict:
              for kind, table, arch, prec in (
                  ("denoiser_eval", b.den, cost.architectures(b.cfg)["denoiser_eval"][0], b.cfg.denoiser.autocast),
                  ("encoder_eval", b.enc, str(b.cfg.vlm.name), b.cfg.defense.encoder_autocast))]
-    cost.write_units(PROJECT_ROOT / "results" / "bench" / "unit_costs.json", units)
+    cost.write_units(b.args.out.parent / cost.UNIT_FILE, units)
     return {"rows": rows, "ratios": ratios,
             "unit_seconds": {"denoiser": b.den.history, "encoder_phi": b.enc.history, "encoder_bare": b.enc_bare.history}}
 

@@ -27,7 +27,7 @@ from evaluators import cost, results
 from evaluators.config import CONFIG_DIR, PROJECT_ROOT, compose_config, select_tasks, vlm_tasks
 from evaluators.errors import ConfigError, DataError, cli
 
-UNITS = PROJECT_ROOT / "results" / "bench" / "unit_costs.json"
+UNITS = PROJECT_ROOT / "results" / "bench" / cost.UNIT_FILE
 #: the units a paper table needs on a GPU: (arch, kind, precision) with the configs' default precisions
 GPU_UNITS = [("guided_diffusion_256", "denoiser_eval", "float16"), ("clip", "encoder_eval", "float32"),
              ("clip", "vlm_fwd_bwd", "float32"), ("clip", "vlm_predict", "float32")] + [

@@ -203,3 +203,23 @@ def test_bench_attack_options_measure_the_option_against_the_default(tmp_path, m
         assert r["loss_change"] < 1e-5 and 0 < r["gradient_change"] < 1e-5  # float rounding: two code paths ran
         assert r["kept"] == (all(q["kept"] for q in rows))
     assert "| tiny_openflamingo | vlm.attention=sdpa (einsum) | 1 |" in (tmp_path / "attack_options.md").read_text()
+
+
+def test_bench_attack_throughput_writes_its_unit_costs_beside_its_results(tmp_path, monkeypatch):
+    """A benchmark sent elsewhere (--out) must not change the project's unit-cost table."""
+    import bench_attack
+
+    from evaluators.config import PROJECT_ROOT
+    from evaluators.errors import cli
+
+    table = PROJECT_ROOT / "results" / "bench" / cost.UNIT_FILE
+    before = table.read_bytes() if table.exists() else None
+    monkeypatch.setattr(sys, "argv", ["bench_attack.py", "--parts", "throughput", "--vlms", "tiny_clip", "--batches",
+                                      "1,2", "--repeats", "1", "--out", str(tmp_path / "attack"), "n_samples=2",
+                                      "batch_size=2", "attack.steps=1"])
+    cli(bench_attack.main)
+    units = cost.read_units(tmp_path / cost.UNIT_FILE)
+    assert {(u.arch, u.kind, u.batch) for u in units} >= {("tiny_clip", "vlm_fwd_bwd", 1), ("tiny_clip", "vlm_fwd_bwd", 2)}
+    assert (table.read_bytes() if table.exists() else None) == before
+    rows = json.loads((tmp_path / "attack_throughput.json").read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2] and rows[0]["throughput_over_smallest_batch"] == 1.0
