@@ -115,9 +115,11 @@ def check_batch(x: torch.Tensor, resolution: int, *lists: Sequence[Any]) -> None
 class TokenIds:
     """The token ids of a text, memoised: an attack's loss tokenises the same prompts and targets at every step,
     and a text's ids depend only on the text and the adapter's tokenizer, fixed once loaded. ``encode`` maps one
-    text to its ids; the ids come back as a tuple, so no caller can change what the memo holds."""
+    text to its ids; the ids come back as a tuple, so no caller can change what the memo holds. ``maxsize`` bounds
+    the memory (a LLaVA prompt is ~600 ids with its image tokens): one attack batch's texts (images x targets plus
+    the prompts) must fit, older ones are forgotten first."""
 
-    def __init__(self, encode: Callable[[str], Sequence[int]], maxsize: int = 16384) -> None:
+    def __init__(self, encode: Callable[[str], Sequence[int]], maxsize: int = 1024) -> None:
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, got {maxsize}")
         self.encode, self.maxsize = encode, int(maxsize)
