@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import pytest
 import torch
 from open_flamingo.src.factory import create_model_and_transforms
 from open_flamingo.train.train_utils import filter_state_dict_to_trainable
@@ -20,6 +21,11 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, MptConfig, MptForCausalLM, PreTrainedTokenizerFast
 
+from evaluators.vlms.openflamingo import OpenFlamingoVLM
+
+#: open_flamingo's zero-shot captioning and VQA prompts (the image, then the instruction)
+CAPTION = "<image>Output:"
+VQA = "<image>Question:What colour is the square? Short answer:"
 CORPUS = ["Output: a red circle on a blue background", "Question: What colour is the square? Short answer: red",
           "two green triangles and one yellow square", "Answer: blue, small, large, left, right"] * 4
 
@@ -137,3 +143,15 @@ def package_inputs(tiny: TinyFlamingo, ims: list[Image.Image], texts: list[str],
     tiny.tokenizer.padding_side = side
     enc = tiny.tokenizer(texts, padding="longest", return_tensors="pt")
     return vision_x, enc["input_ids"], enc["attention_mask"]
+
+
+# Fixtures ``tiny`` (one model per language-model family) and ``vlm`` (the adapter on it) for the test modules
+# that import ``tiny_fixture`` and ``vlm_fixture``; module scope: each such module builds its own pair.
+@pytest.fixture(scope="module", params=["llama", "mpt"], name="tiny")
+def tiny_fixture(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyFlamingo:
+    return build(tmp_path_factory.mktemp(f"of_{request.param}"), request.param)
+
+
+@pytest.fixture(scope="module", name="vlm")
+def vlm_fixture(tiny: TinyFlamingo) -> OpenFlamingoVLM:
+    return OpenFlamingoVLM.from_pretrained(**tiny.kwargs())

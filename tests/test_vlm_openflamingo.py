@@ -18,22 +18,19 @@ from open_flamingo.src.factory import create_model_and_transforms
 from evaluators.errors import ConfigError, HarnessError
 from evaluators.vlms.base import Turn
 from evaluators.vlms.openflamingo import OpenFlamingoVLM
-from tests.openflamingo_tiny import TinyFlamingo, build, images, package_inputs
+from tests.openflamingo_tiny import (  # noqa: F401  (the fixtures tiny and vlm)
+    CAPTION,
+    VQA,
+    TinyFlamingo,
+    build,
+    images,
+    package_inputs,
+    tiny_fixture,
+    vlm_fixture,
+)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-CAPTION = "<image>Output:"
-VQA = "<image>Question:What colour is the square? Short answer:"
-
-
-@pytest.fixture(scope="module", params=["llama", "mpt"])
-def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyFlamingo:
-    return build(tmp_path_factory.mktemp(f"of_{request.param}"), request.param)
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny: TinyFlamingo) -> OpenFlamingoVLM:
-    return OpenFlamingoVLM.from_pretrained(**tiny.kwargs())
 
 
 @pytest.mark.parametrize("which", ["trained_ckpt", "training_ckpt", "whole_ckpt", "published_ckpt"])

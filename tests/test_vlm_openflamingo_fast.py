@@ -15,20 +15,15 @@ from evaluators.vlms.openflamingo_attention import (
     SdpaPerceiverAttention,
     set_attention,
 )
-from tests.openflamingo_tiny import TinyFlamingo, build, images, package_inputs
-
-CAPTION = "<image>Output:"
-VQA = "<image>Question:What colour is the square? Short answer:"
-
-
-@pytest.fixture(scope="module", params=["llama", "mpt"])
-def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyFlamingo:
-    return build(tmp_path_factory.mktemp(f"of_fast_{request.param}"), request.param)
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny: TinyFlamingo) -> OpenFlamingoVLM:
-    return OpenFlamingoVLM.from_pretrained(**tiny.kwargs())
+from tests.openflamingo_tiny import (  # noqa: F401  (the fixtures tiny and vlm)
+    CAPTION,
+    VQA,
+    TinyFlamingo,
+    images,
+    package_inputs,
+    tiny_fixture,
+    vlm_fixture,
+)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
