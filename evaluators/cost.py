@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from evaluators.errors import ConfigError, DataError
+from evaluators.results import write_text_atomic
 from evaluators.vlms.checkpoints import parse_dtype
 
 KINDS = ("denoiser_eval", "encoder_eval", "vlm_fwd_bwd", "vlm_predict")
@@ -80,8 +81,8 @@ def write_part(prefix: Path, part: str, result: dict, markdown: str) -> None:
     """One benchmark part's results: ``<prefix>_<part>.json`` (everything) and ``.md`` (the table), also printed."""
     out = Path(f"{prefix}_{part}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    out.with_suffix(".md").write_text(markdown)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(result, indent=1, default=str) + "\n")
+    write_text_atomic(out.with_suffix(".md"), markdown)
     print(f"\n## {part}\n\n{markdown}", flush=True)
 
 
@@ -145,7 +146,8 @@ def write_units(path: Path, new: Iterable[Unit]) -> list[Unit]:
         table[(*u.key, u.batch)] = u
     units = [table[k] for k in sorted(table)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"what": __doc__.split("\n")[0], "units": [asdict(u) for u in units]}, indent=1) + "\n")
+    write_text_atomic(path, json.dumps({"what": __doc__.split("\n")[0], "units": [asdict(u) for u in units]},
+                                       indent=1) + "\n")
     return units
 
 

@@ -296,7 +296,7 @@ def main() -> None:
         text = show(res)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1, default=str) + "\n")
+        results.write_text_atomic(args.json, json.dumps(res, indent=1, default=str) + "\n")
     print(text)
 
 
