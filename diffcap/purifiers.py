@@ -31,9 +31,9 @@ from diffcap.schedule import Schedule, schedule_of
 
 log = logging.getLogger(__name__)
 
+
 def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    perf.synchronize(device)
     return time.perf_counter()
 
 
